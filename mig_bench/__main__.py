@@ -1,0 +1,46 @@
+"""mig-bench: benchmarks that print ratios measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mig-bench", description=__doc__)
+    sub = ap.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("protocol", help="decode/encode throughput of synthetic streams vs memcpy")
+    p.add_argument("--size", type=_size, default=1 << 30, help="guest bytes per stream (default 1G)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("precopy", help="daemon to daemon over loopback vs a raw loopback copy")
+    p.add_argument("--size", type=_size, default=1 << 30)
+    p.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.bench == "protocol":
+        from .protocol_bench import report, run
+
+        result = run(args.size, args.repeat)
+        print(json.dumps(result, indent=2) if args.json else report(result))
+        return 0
+    if args.bench == "precopy":
+        from .precopy_bench import report, run
+
+        result = run(args.size)
+        print(json.dumps(result, indent=2) if args.json else report(result))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
