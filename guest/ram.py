@@ -1,0 +1,323 @@
+"""Guest RAM blocks: named, memfd-backed, shared-mapped memory with numpy views.
+
+A block is one memfd mapped ``MAP_SHARED``: the vCPU process maps the very same pages (its fd
+travels over the control socket), so the workload's writes are the guest's RAM, with no copy and
+without the daemon's GIL. Memory is allocated lazily by the kernel: a fresh block costs nothing
+until a page is written. Reading a never-written page of a memfd DOES allocate it (shmem fills
+holes on read faults), so whole-block readers (digest, check) walk the file's data ranges with
+``SEEK_DATA``/``SEEK_HOLE`` and treat holes as zeros without touching them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import xxhash
+
+PAGE_SIZE = 4096
+PAGE_WORDS = PAGE_SIZE // 8
+
+# The random fill is defined per 64 MiB chunk (one generator per chunk, seeded from
+# (seed, block name, chunk index)) so that any chunk can be regenerated on its own: the checker
+# verifies chunk by chunk and the filler runs chunks on both cores. Within a chunk, values are drawn
+# in 4 MiB pieces to bound temporary memory; the piece size is part of the definition.
+FILL_CHUNK = 64 << 20
+FILL_PIECE = 4 << 20
+# QEMU's RAM block idstr goes on the wire behind a one-byte length.
+MAX_NAME_BYTES = 255
+
+FillKind = Literal["zero", "random"]
+
+
+@dataclass(frozen=True)
+class Fill:
+    """How a guest's RAM blocks were initialised: all zero, or seeded random bytes."""
+
+    kind: FillKind = "zero"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("zero", "random"):
+            raise ValueError(f"fill kind must be 'zero' or 'random', not {self.kind!r}")
+        if not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"fill seed must fit in 64 bits unsigned, got {self.seed}")
+
+
+def name_key(name: str) -> int:
+    """A stable 64-bit key of a block name (seeds its fill and salts its page contents)."""
+    return xxhash.xxh64_intdigest(name.encode())
+
+
+def random_fill_chunk(name: str, seed: int, chunk_index: int, nbytes: int) -> np.ndarray:
+    """The random fill of chunk ``chunk_index`` (``nbytes`` long) of block ``name``, as uint64.
+
+    Deterministic in (name, seed, chunk index, nbytes); numpy's ``Generator.integers`` releases the
+    GIL for large draws (measured: 2 threads fill twice as fast), unlike ``PCG64.random_raw``.
+    """
+    if nbytes % 8:
+        raise ValueError("random fill chunks are whole 64-bit words")
+    key = name_key(name)
+    ss = np.random.SeedSequence(entropy=seed, spawn_key=(key >> 32, key & 0xFFFFFFFF, chunk_index))
+    gen = np.random.Generator(np.random.PCG64(ss))
+    out = np.empty(nbytes // 8, dtype=np.uint64)
+    piece = FILL_PIECE // 8
+    for start in range(0, len(out), piece):
+        stop = min(start + piece, len(out))
+        out[start:stop] = gen.integers(0, 1 << 64, stop - start, dtype=np.uint64)
+    return out
+
+
+def _check_size(size: int, what: str) -> None:
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"{what} must be an int, got {type(size).__name__}")
+    if size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"{what} must be a positive multiple of {PAGE_SIZE}, got {size}")
+
+
+def check_block_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError("a RAM block needs a non-empty name")
+    if "\0" in name:
+        raise ValueError(f"RAM block name {name!r} contains a NUL byte")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"RAM block name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
+
+
+class RamBlock:
+    """One named block of guest RAM.
+
+    ``size`` is the used length (what migrates); ``max_size`` (default: ``size``) is the mapping's
+    extent, so :meth:`resize` works within it without remapping, like QEMU's resizable blocks.
+    Views: ``array`` (flat uint8), ``pages`` ((n, 4096) uint8), ``words`` ((n, 512) uint64).
+    """
+
+    def __init__(self, name: str, size: int, *, max_size: int | None = None) -> None:
+        check_block_name(name)
+        _check_size(size, "block size")
+        resizable = max_size is not None
+        max_size = size if max_size is None else max_size
+        _check_size(max_size, "block max_size")
+        if max_size < size:
+            raise ValueError(f"block {name!r}: max_size {max_size} is smaller than size {size}")
+        # memfd names are for /proc display only (any bytes but NUL); cut to the kernel's limit.
+        fd = os.memfd_create(("guest:" + name).encode()[:249].decode(errors="ignore"), os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, max_size)  # sparse: no memory until pages are touched
+            self._init(name, fd, size, max_size, resizable)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, name: str, fd: int, size: int, *, max_size: int | None = None) -> RamBlock:
+        """Map an existing memfd (the vCPU process side). The block takes ownership of ``fd``."""
+        self = cls.__new__(cls)
+        max_size = size if max_size is None else max_size
+        _check_size(size, "block size")
+        _check_size(max_size, "block max_size")
+        if os.fstat(fd).st_size < max_size:
+            raise ValueError(f"block {name!r}: fd is smaller than {max_size} bytes")
+        self._init(name, fd, size, max_size, max_size != size)
+        return self
+
+    def _init(self, name: str, fd: int, size: int, max_size: int, resizable: bool) -> None:
+        self.name = name
+        self._resizable = resizable
+        self._fd = fd
+        self._max_size = max_size
+        self._lock = threading.Lock()
+        self._mmap: mmap.mmap | None = mmap.mmap(
+            fd, max_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._full = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._set_size(size)
+
+    def _set_size(self, size: int) -> None:
+        self._size = size
+        self.array: np.ndarray = self._full[:size]
+        self.pages: np.ndarray = self.array.reshape(-1, PAGE_SIZE)
+        self.words: np.ndarray = self.array.view(np.uint64).reshape(-1, PAGE_WORDS)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @property
+    def resizable(self) -> bool:
+        """Whether the block was created with a ``max_size`` (QEMU: RAM_RESIZEABLE)."""
+        return self._resizable
+
+    @property
+    def n_pages(self) -> int:
+        return self._size // PAGE_SIZE
+
+    @property
+    def fd(self) -> int:
+        """The memfd (for passing to another process); valid until :meth:`close`."""
+        if self._mmap is None:
+            raise ValueError(f"RAM block {self.name!r} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.n_pages} pages"
+        return f"RamBlock({self.name!r}, size={self._size:#x}, {state})"
+
+    def __enter__(self) -> RamBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ contents
+
+    def fill_zero(self) -> None:
+        """Zero the whole block and give its memory back (punches a hole in the memfd)."""
+        self.discard(0, self._max_size)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero ``[offset, offset+length)`` by freeing it (MADV_REMOVE), like QEMU's discard.
+
+        Page-aligned; far cheaper than writing zeros and leaves a hole that readers skip.
+        """
+        if offset % PAGE_SIZE or length % PAGE_SIZE or offset < 0 or offset + length > self._max_size:
+            raise ValueError(f"discard [{offset:#x}, +{length:#x}) is not page-aligned inside the block")
+        if length:
+            self._live_mmap().madvise(mmap.MADV_REMOVE, offset, length)
+
+    def fill_random(self, seed: int, *, workers: int | None = None) -> None:
+        """Fill the block with deterministic random bytes (see :func:`random_fill_chunk`).
+
+        Chunks are generated in ``workers`` threads (default: up to 2, this machine's cores) since
+        numpy's generator releases the GIL; peak temporary memory is one chunk per worker.
+        """
+        Fill("random", seed)  # validates the seed
+        # Every page gets written: allocating them in one call is cheaper than a fault per page
+        # (measured ~0.2 s vs ~0.5 s per GiB here).
+        os.posix_fallocate(self.fd, 0, self._size)
+        words = self.array.view(np.uint64)
+        chunk_words = FILL_CHUNK // 8
+
+        def one(ci: int) -> None:
+            lo = ci * chunk_words
+            hi = min(lo + chunk_words, len(words))
+            words[lo:hi] = random_fill_chunk(self.name, seed, ci, (hi - lo) * 8)
+
+        n_chunks = -(-len(words) // chunk_words)
+        workers = min(workers or min(2, os.cpu_count() or 1), n_chunks)
+        if workers <= 1:
+            for ci in range(n_chunks):
+                one(ci)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="ram-fill") as pool:
+                list(pool.map(one, range(n_chunks)))
+
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(start, stop)`` byte ranges of the used length that may hold non-zero data.
+
+        Everything outside them is a hole (reads as zero). Uses SEEK_DATA/SEEK_HOLE, which is
+        page-granular on shmem, so a page that was written and then zeroed still counts as data.
+        """
+        fd, end, pos = self.fd, self._size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    return
+                raise
+            if start >= end:
+                return
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            yield start, stop
+            pos = stop
+
+    def allocated_bytes(self) -> int:
+        """Memory the kernel has actually allocated for this block (all of max_size)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def hash_into(self, h: xxhash.xxh3_128, chunk: int = 16 << 20) -> None:
+        """Feed the used length's bytes to ``h`` in chunks, holes as zeros without touching them.
+
+        xxhash releases the GIL on large updates, so this runs well in a worker thread.
+        """
+        arr = self.array  # our own reference keeps the mapping alive even if closed meanwhile
+        zeros = np.zeros(min(chunk, max(self._size, PAGE_SIZE)), dtype=np.uint8)
+        pos = 0
+        for start, stop in list(self.data_ranges()):
+            _hash_zeros(h, zeros, start - pos)
+            for off in range(start, stop, chunk):
+                h.update(arr[off : min(off + chunk, stop)])
+            pos = stop
+        _hash_zeros(h, zeros, self._size - pos)
+
+    # ------------------------------------------------------------------ size
+
+    def resize(self, new_size: int) -> None:
+        """Change the used length within ``max_size`` (QEMU's ``qemu_ram_resize``).
+
+        Shrinking discards the tail, so growing again shows zeros. Views taken before stay valid
+        (the mapping does not move) but keep their old length.
+        """
+        _check_size(new_size, "new block size")
+        if not self._resizable and new_size != self._size:
+            raise ValueError(f"block {self.name!r} is not resizable (created without max_size)")
+        if new_size > self._max_size:
+            raise ValueError(
+                f"block {self.name!r} cannot grow to {new_size:#x}: its max_size is {self._max_size:#x}"
+            )
+        with self._lock:
+            if new_size < self._size:
+                self.discard(new_size, self._size - new_size)
+            self._set_size(new_size)
+
+    # ------------------------------------------------------------------ teardown
+
+    def _live_mmap(self) -> mmap.mmap:
+        if self._mmap is None:
+            raise ValueError(f"RAM block {self.name!r} is closed")
+        return self._mmap
+
+    def close(self) -> None:
+        """Unmap and close. Idempotent.
+
+        If someone still holds a numpy view, unmapping now would leave it dangling: the mapping
+        is then released when the last view dies (the memfd's memory with it).
+        """
+        with self._lock:
+            m, self._mmap = self._mmap, None
+            if m is None:
+                return
+            self._full = self.array = self.pages = self.words = np.empty(0, np.uint8)
+            # With numpy views still alive, unmapping would leave them dangling: the mmap object
+            # then unmaps itself when the last view is gone.
+            with contextlib.suppress(BufferError):
+                m.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _hash_zeros(h: xxhash.xxh3_128, zeros: np.ndarray, n: int) -> None:
+    step = len(zeros)
+    while n > 0:
+        k = min(n, step)
+        h.update(zeros[:k])
+        n -= k

@@ -1,0 +1,97 @@
+"""The vCPU's shared state: one memfd mapped by the daemon and by the vCPU process.
+
+Layout (all little-endian, native to both processes)::
+
+    0       header: 64 uint64 words (see the H_* indexes)
+    4096    generation table: uint32 per page of the workload's block (0 = never written)
+    ...     dirty bitmap 0: uint8 per page (1 = written since the last sync)
+    ...     dirty bitmap 1: the other half of the double buffer
+
+Ownership: the vCPU process writes page contents, generations, WRITES and RNG_POS, and sets
+bytes in bitmap ``ACTIVE``. The daemon writes ACTIVE and LOGGING, clears the inactive bitmap, and
+rewrites counters and generations only while the vCPU is stopped (e.g. loading migrated state).
+The vCPU reads ACTIVE and LOGGING once per batch of page writes; see :mod:`guest.dirty` for why
+that makes the log race-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+
+import numpy as np
+
+STATE_MAGIC = 0x3154534755504356  # "VCPUGST1"
+HEADER_WORDS = 64
+_ALIGN = 4096
+
+H_MAGIC = 0
+H_NPAGES = 1
+H_ACTIVE = 2  # index (0/1) of the bitmap the vCPU marks
+H_LOGGING = 3  # 1: the vCPU marks pages it writes
+H_WRITES = 4  # total pages written by the workload since the guest was created
+H_RNG_POS = 5  # position in the workload's counter-based page stream
+H_RNG_SEED = 6  # seed of that stream
+
+
+def _round(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class SharedState:
+    """Header, generation table and double-buffered dirty bitmap of one RAM block."""
+
+    def __init__(self, n_pages: int, *, fd: int | None = None) -> None:
+        if n_pages <= 0:
+            raise ValueError("shared vCPU state needs at least one page")
+        self.n_pages = n_pages
+        gen_off = _ALIGN
+        bm_off = gen_off + _round(4 * n_pages)
+        bm_len = _round(n_pages)
+        size = bm_off + 2 * bm_len
+        created = fd is None
+        if fd is None:
+            fd = os.memfd_create("guest:vcpu-state", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+        elif os.fstat(fd).st_size != size:
+            raise ValueError(f"vCPU state fd has {os.fstat(fd).st_size} bytes, expected {size}")
+        self._fd = fd
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        buf = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.header: np.ndarray = buf[: 8 * HEADER_WORDS].view(np.uint64)
+        self.generations: np.ndarray = buf[gen_off : gen_off + 4 * n_pages].view(np.uint32)
+        self.bitmaps: np.ndarray = buf[bm_off:].reshape(2, bm_len)[:, :n_pages]
+        if created:
+            self.header[H_MAGIC] = STATE_MAGIC
+            self.header[H_NPAGES] = n_pages
+        elif self.header[H_MAGIC] != STATE_MAGIC or self.header[H_NPAGES] != n_pages:
+            raise ValueError("vCPU state fd has a bad header")
+
+    @property
+    def fd(self) -> int:
+        if self._mmap is None:
+            raise ValueError("vCPU state is closed")
+        return self._fd
+
+    def get(self, index: int) -> int:
+        return int(self.header[index])
+
+    def set(self, index: int, value: int) -> None:
+        self.header[index] = value
+
+    def close(self) -> None:
+        m, self._mmap = self._mmap, None
+        if m is None:
+            return
+        empty = np.empty(0, np.uint8)
+        self.header = self.generations = empty
+        self.bitmaps = empty.reshape(2, 0)
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped when it is gone
+            m.close()
+        os.close(self._fd)
+        self._fd = -1
