@@ -1,0 +1,235 @@
+"""mig-dest: receives a migrating guest over TCP and runs it from then on."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from control.daemon_common import (
+    MODEL_MACHINE_TYPE,
+    GuestHolder,
+    add_common_args,
+    apply_migration_config,
+    load_config,
+    register_common,
+    serve_daemon,
+    setup_logging,
+)
+from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
+
+from .incoming import IncomingInfo, IncomingMigration, ReceivedGuest
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, or tcp:HOST:PORT as in QEMU's -incoming / migrate-incoming."""
+    text = text.removeprefix("tcp:")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT (or tcp:HOST:PORT)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class DestDaemon:
+    def __init__(self, *, caps: Capabilities, params: Parameters, paused: bool, log: Any) -> None:
+        self.caps = caps
+        self.params = params
+        self.paused = paused
+        self.log = log
+        self.holder = GuestHolder()
+        self.status = StatusMachine()
+        self.info = IncomingInfo()
+        self.server: QmpServer | None = None
+        self.listening: list[str] = []
+        self.refused = 0
+        self._nursery: trio.Nursery | None = None
+        self._busy = False
+        self._migration_id = 0
+        self.status.on_change(lambda s: self.emit("MIGRATION", {"status": s.value}))
+        self.registry = self._commands()
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.emit(event, data)
+
+    def _commands(self) -> CommandRegistry:
+        reg = CommandRegistry()
+        register_common(
+            reg,
+            holder=self.holder,
+            caps=self.caps,
+            params=self.params,
+            status=self.status,
+            emit=self.emit,
+            idle_run_state="inmigrate",
+        )
+
+        @reg.command("migrate-incoming", Arg("uri", str))
+        async def migrate_incoming(args: dict[str, Any]) -> None:
+            if self.listening:
+                raise QmpError("The incoming migration has already been started")
+            try:
+                host, port = parse_listen(args["uri"])
+            except ValueError as err:
+                raise QmpError(str(err)) from None
+            await self.listen(host, port)
+
+        @reg.command("query-migrate")
+        async def query_migrate(args: dict[str, Any]) -> dict[str, Any]:
+            st = self.status.status
+            out: dict[str, Any] = {}
+            if st is not MigrationStatus.NONE:
+                out = {
+                    "status": st.value,
+                    "total-time": self.info.total_time_ms(),
+                    "ram": self.info.stats.to_qmp(),
+                }
+                if st is MigrationStatus.FAILED and self.info.error_desc:
+                    out["error-desc"] = self.info.error_desc
+            if self.listening:
+                out["socket-address"] = [
+                    {"type": "inet", "host": h, "port": p}
+                    for h, _, p in (a.rpartition(":") for a in self.listening)
+                ]
+            out["x-refused-connections"] = self.refused
+            return out
+
+        @reg.command("migrate_cancel")
+        async def migrate_cancel(args: dict[str, Any]) -> None:
+            raise QmpError("an incoming migration is cancelled from its source (migrate_cancel there)")
+
+        return reg
+
+    async def listen(self, host: str, port: int) -> None:
+        assert self._nursery is not None
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as err:
+            raise QmpError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        for lst in listeners:
+            h, p = lst.socket.getsockname()[:2]
+            self.listening.append(f"{h}:{p}")
+            self._nursery.start_soon(self._accept_loop, lst)
+        self.log.info("listening for incoming migrations", addresses=self.listening)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                peer = _peer(stream)
+                if self._busy or self.holder.guest is not None:
+                    why = (
+                        "a migration is already in progress"
+                        if self._busy
+                        else "a guest was already received and runs here"
+                    )
+                    self.refused += 1
+                    self.log.error("refusing incoming migration", peer=peer, reason=why)
+                    await stream.aclose()
+                    continue
+                self._busy = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._incoming, stream, peer)
+
+    def _guest_factory(self, blocks: list[tuple[str, int]], machine_type: str | None) -> Any:
+        from guest.model import Guest
+
+        return Guest.from_block_list(blocks)
+
+    async def _incoming(self, stream: trio.SocketStream, peer: str) -> None:
+        self._migration_id += 1
+        log = self.log.bind(migration_id=f"in-{self._migration_id}", peer=peer)
+        log.info("incoming migration")
+        self.info = IncomingInfo(peer=peer)
+        migration = IncomingMigration(
+            guest_factory=self._guest_factory,
+            caps=self.caps,
+            params=self.params,
+            status=self.status,
+            info=self.info,
+            emit=self.emit,
+            log=log,
+            model_machine_type=MODEL_MACHINE_TYPE,
+        )
+        try:
+            async with stream:
+                received = await migration.run(stream)
+            if received is not None:
+                await self._adopt(received, log)
+        finally:
+            self._busy = False
+
+    async def _adopt(self, received: ReceivedGuest, log: Any) -> None:
+        guest = received.guest
+        self.holder.guest = guest
+        # QEMU: run if the source ran and no -S; else paused, or the source's stopped state
+        if received.run_state == "running" and not self.paused:
+            t = time.monotonic()
+            await trio.to_thread.run_sync(guest.start)
+            self.emit("RESUME", {})
+            log.info("guest running on the destination", start_ms=round((time.monotonic() - t) * 1000, 2))
+        else:
+            state = "paused" if received.run_state == "running" else received.run_state
+            guest.set_run_state(state if state in ("paused", "prelaunch", "postmigrate") else "paused")
+            log.info("guest received, not started", run_state=guest.run_state)
+
+    async def body(
+        self, nursery: trio.Nursery, server: QmpServer | None, listen: tuple[str, int] | None
+    ) -> None:
+        self._nursery = nursery
+        self.server = server
+        if listen is not None:
+            await self.listen(*listen)
+        await trio.sleep_forever()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        h, p = stream.socket.getpeername()[:2]
+        return f"{h}:{p}"
+    except OSError:
+        return "?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mig-dest", description="Receive a live-migrating guest and run it.")
+    add_common_args(ap)
+    ap.add_argument("--listen", help="HOST:PORT to accept migrations on (else use QMP migrate-incoming)")
+    ap.add_argument(
+        "--paused", action="store_true", default=None, help="keep the received guest paused (like -S)"
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config)
+    setup_logging(args, cfg)
+    log = structlog.get_logger("mig-dest")
+    dcfg = cfg.get("dest", {})
+    caps, params = Capabilities(), Parameters()
+    apply_migration_config(cfg, caps, params)
+    listen_text = args.listen or dcfg.get("listen")
+    try:
+        listen = parse_listen(listen_text) if listen_text else None
+    except ValueError as err:
+        raise SystemExit(f"mig-dest: --listen: {err}") from None
+    paused = args.paused if args.paused is not None else bool(dcfg.get("paused", False))
+    daemon = DestDaemon(caps=caps, params=params, paused=paused, log=log)
+
+    async def body(nursery: trio.Nursery, server: QmpServer | None) -> None:
+        try:
+            await daemon.body(nursery, server, listen)
+        except QmpError as err:
+            raise SystemExit(f"mig-dest: {err.desc}") from None
+
+    try:
+        trio.run(lambda: serve_daemon(qmp_path=args.qmp, reg=daemon.registry, log=log, body=body))
+    finally:
+        if daemon.holder.guest is not None:
+            daemon.holder.guest.close()
+    return 0

@@ -1,0 +1,214 @@
+"""mig-source: runs a guest and migrates it on request (QMP ``migrate``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from control.daemon_common import (
+    MODEL_MACHINE_TYPE,
+    GuestHolder,
+    add_common_args,
+    apply_migration_config,
+    load_config,
+    parse_size,
+    register_common,
+    serve_daemon,
+    setup_logging,
+)
+from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
+
+from .precopy import MigrationInfo, PrecopyMigration
+
+
+class SourceDaemon:
+    def __init__(
+        self, guest: Any, *, machine_type: str, caps: Capabilities, params: Parameters, log: Any
+    ) -> None:
+        self.holder = GuestHolder(guest)
+        self.machine_type = machine_type
+        self.caps = caps
+        self.params = params
+        self.log = log
+        self.status = StatusMachine()
+        self.info = MigrationInfo()
+        self.server: QmpServer | None = None
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self._migration_id = 0
+        self.status.on_change(self._status_changed)
+        self.registry = self._commands()
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.emit(event, data)
+
+    def _status_changed(self, new: MigrationStatus) -> None:
+        self.emit("MIGRATION", {"status": new.value})
+
+    def _commands(self) -> CommandRegistry:
+        reg = CommandRegistry()
+        register_common(
+            reg,
+            holder=self.holder,
+            caps=self.caps,
+            params=self.params,
+            status=self.status,
+            emit=self.emit,
+            idle_run_state="prelaunch",
+        )
+
+        @reg.command(
+            "migrate",
+            Arg("uri", str),
+            Arg("resume", bool, default=False),
+            Arg("detach", bool, required=False),
+            Arg("blk", bool, required=False),
+            Arg("inc", bool, required=False),
+        )
+        async def migrate(args: dict[str, Any]) -> None:
+            if self.status.active:
+                raise QmpError("There's a migration process in progress")
+            if args["resume"]:
+                raise QmpError(
+                    "Cannot resume: no paused postcopy migration (postcopy-ram is not supported yet)"
+                )
+            guest = self.holder.require()
+            if guest.run_state in ("postmigrate", "crashed"):
+                raise QmpError(f"the guest cannot migrate from run state {guest.run_state!r}")
+            self._start(args["uri"])
+
+        @reg.command("migrate_cancel")
+        async def migrate_cancel(args: dict[str, Any]) -> None:
+            if self.status.active and self._scope is not None:
+                self.status.to(MigrationStatus.CANCELLING)
+                self._scope.cancel()
+
+        @reg.command("query-migrate")
+        async def query_migrate(args: dict[str, Any]) -> dict[str, Any]:
+            return self.query_migrate()
+
+        return reg
+
+    def query_migrate(self) -> dict[str, Any]:
+        st = self.status.status
+        if st is MigrationStatus.NONE:
+            return {}
+        info = self.info
+        out: dict[str, Any] = {"status": st.value, "total-time": info.total_time_ms()}
+        if st is not MigrationStatus.SETUP:
+            out["setup-time"] = info.setup_time_ms
+            out["ram"] = info.ram.to_qmp()
+        if st is MigrationStatus.COMPLETED:
+            out["downtime"] = info.downtime_ms or 0
+        elif info.expected_downtime_ms is not None:
+            out["expected-downtime"] = info.expected_downtime_ms
+        if info.cpu_throttle:
+            out["cpu-throttle-percentage"] = info.cpu_throttle
+        if info.xbzrle is not None:
+            out["xbzrle-cache"] = info.xbzrle
+        if info.error_desc and st is MigrationStatus.FAILED:
+            out["error-desc"] = info.error_desc
+        return out
+
+    def _start(self, uri: str) -> None:
+        assert self._nursery is not None
+        self._migration_id += 1
+        mig_id = f"mig-{self._migration_id}"
+        log = self.log.bind(migration_id=mig_id, uri=uri)
+        self.info = MigrationInfo()
+        migration = PrecopyMigration(
+            guest=self.holder.guest,
+            uri=uri,
+            caps=self.caps,
+            params=self.params,
+            status=self.status,
+            info=self.info,
+            emit=self.emit,
+            machine_type=self.machine_type,
+            log=log,
+        )
+        scope = trio.CancelScope()
+        self._scope = scope
+        log.info("migration starting")
+
+        async def run() -> None:
+            with scope:
+                await migration.run()
+            if scope.cancelled_caught:
+                self.status.to(MigrationStatus.CANCELLED)
+                log.info("migration cancelled; the guest keeps running here")
+            self._scope = None
+
+        self._nursery.start_soon(run)
+
+    async def body(self, nursery: trio.Nursery, server: QmpServer | None) -> None:
+        self._nursery = nursery
+        self.server = server
+        guest = self.holder.guest
+        if guest.run_state == "running":
+            self.log.info("guest running", blocks=len(guest.blocks))
+        await trio.sleep_forever()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mig-source", description="Run a guest and live-migrate it on request.")
+    add_common_args(ap)
+    ap.add_argument("--ram", type=parse_size, help="size of the main RAM block (default 1G)")
+    ap.add_argument("--fill", choices=("zero", "random"), help="initial RAM content (default zero)")
+    ap.add_argument(
+        "--workload", help="vCPU workload: none, uniform:rate=N, hotset:rate=N,size=S, sweep:rate=N"
+    )
+    ap.add_argument("--seed", type=int, help="seed of the random fill and workload")
+    ap.add_argument(
+        "--block",
+        action="append",
+        default=None,
+        metavar="NAME:SIZE",
+        help="an extra RAM block (repeatable), e.g. /rom@etc/acpi/tables:128K",
+    )
+    ap.add_argument("--paused", action="store_true", default=None, help="do not start the guest (like -S)")
+    ap.add_argument("--image", type=Path, help="load the guest from a stored VM image")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config)
+    setup_logging(args, cfg)
+    log = structlog.get_logger("mig-source")
+    gcfg = cfg.get("guest", {})
+
+    from guest.model import Guest
+
+    caps, params = Capabilities(), Parameters()
+    apply_migration_config(cfg, caps, params)
+    ram = args.ram if args.ram is not None else parse_size(gcfg.get("ram", "1G"))
+    fill = args.fill or gcfg.get("fill", "zero")
+    workload = args.workload or gcfg.get("workload", "none")
+    seed = args.seed if args.seed is not None else int(gcfg.get("seed", 0))
+    blocks: list[tuple[str, int]] = [(gcfg.get("main_block", "pc.ram"), ram)]
+    for spec in args.block if args.block is not None else gcfg.get("blocks", []):
+        name, sep, size = spec.rpartition(":")
+        if not sep or not name:
+            raise SystemExit(f"--block {spec!r}: expected NAME:SIZE")
+        blocks.append((name, parse_size(size)))
+    paused = args.paused if args.paused is not None else bool(gcfg.get("paused", False))
+    try:
+        guest = Guest.create(blocks, fill=fill, seed=seed, workload=workload)
+    except ValueError as err:
+        raise SystemExit(f"mig-source: {err}") from None
+    log.info("guest created", ram=ram, fill=fill, workload=workload, blocks=[b for b, _ in blocks])
+    if not paused:
+        guest.start()
+    daemon = SourceDaemon(guest, machine_type=MODEL_MACHINE_TYPE, caps=caps, params=params, log=log)
+    try:
+        trio.run(lambda: serve_daemon(qmp_path=args.qmp, reg=daemon.registry, log=log, body=daemon.body))
+    finally:
+        guest.close()
+    return 0

@@ -1,0 +1,572 @@
+"""The source side of a precopy migration: passes of dirty pages, switchover, completion.
+
+One ``PrecopyMigration`` is one attempt. It owns its nursery (the return-path reader runs in it)
+and is run inside a cancel scope owned by the daemon: ``migrate_cancel`` cancels that scope.
+Whatever ends the attempt (success, error, cancel) the ``finally`` path puts the guest back:
+if we stopped it for the switchover and did not complete, it runs again.
+
+Non-convergence policy (documented in README.md):
+* with capability ``auto-converge``: the vCPU is throttled as QEMU does (``cpu-throttle-initial``,
+  then ``+cpu-throttle-increment`` each time the guest dirtied more than
+  ``throttle-trigger-threshold`` % of what was sent in a pass, twice in a row), up to
+  ``max-cpu-throttle``; if it still has not converged after ``x-max-throttled-passes`` passes at
+  the maximum, the migration fails;
+* without it: the migration fails after ``x-max-passes`` passes that did not converge.
+Either way the failure leaves the source guest running, unchanged, with a clear error-desc.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from protocol.encoder import MainEncoder
+from protocol.errors import ProtocolError
+from protocol.events import (
+    Configuration,
+    DeviceSection,
+    EndOfStream,
+    OpenReturnPath,
+    Ping,
+    RamBlockInfo,
+    RamBlockList,
+    RamEos,
+    RpPong,
+    RpShut,
+    SectionEnd,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    StreamHeader,
+    VmDescription,
+    XbzrlePage,
+)
+from protocol.return_path import ReturnPathDecoder
+
+PAGE = 4096
+BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough to stay in cache
+RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
+PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
+
+
+class MigrationError(Exception):
+    """A migration failed for a reason a user should read (becomes error-desc)."""
+
+
+@dataclass
+class RamStats:
+    transferred: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    normal_bytes: int = 0
+    xbzrle_pages: int = 0
+    xbzrle_bytes: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    mbps: float = 0.0
+    pages_per_second: int = 0
+    remaining: int = 0
+    total: int = 0
+    postcopy_requests: int = 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "skipped": 0,
+            "normal": self.normal,
+            "normal-bytes": self.normal_bytes,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(self.mbps, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "pages-per-second": self.pages_per_second,
+            "postcopy-requests": self.postcopy_requests,
+            "page-size": PAGE,
+            "multifd-bytes": 0,
+            "precopy-bytes": self.transferred,
+            "downtime-bytes": 0,
+            "postcopy-bytes": 0,
+        }
+
+
+@dataclass
+class MigrationInfo:
+    """What query-migrate reports about the current or last migration."""
+
+    ram: RamStats = field(default_factory=RamStats)
+    start_time: float = 0.0
+    end_time: float | None = None
+    setup_time_ms: int = 0
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    error_desc: str | None = None
+    cpu_throttle: int = 0
+    passes: int = 0
+    xbzrle: dict[str, Any] | None = None
+
+    def total_time_ms(self) -> int:
+        end = self.end_time if self.end_time is not None else time.monotonic()
+        return int((end - self.start_time) * 1000)
+
+
+class RateLimiter:
+    """Bytes per second, in 100 ms windows like QEMU's rate limiter; 0 means unlimited."""
+
+    def __init__(self, params: Parameters) -> None:
+        self._params = params
+        self._window_start = time.monotonic()
+        self._used = 0
+
+    async def acquire(self, n: int) -> None:
+        limit = self._params.max_bandwidth
+        if limit <= 0:
+            return
+        per_window = max(limit / 10, 1)
+        now = time.monotonic()
+        if now - self._window_start >= 0.1:
+            self._window_start = now
+            self._used = 0
+        self._used += n
+        if self._used > per_window:
+            await trio.sleep_until(self._window_start + 0.1 * (self._used / per_window))
+            self._window_start = trio.current_time()
+            self._used = 0
+
+
+def parse_tcp_uri(uri: str) -> tuple[str, int]:
+    if not uri.startswith("tcp:"):
+        raise MigrationError(f"unsupported migration URI {uri!r}: only tcp:HOST:PORT is implemented")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not port.isdigit():
+        raise MigrationError(f"migration URI {uri!r} is not tcp:HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class PageSender:
+    """Encodes dirty pages of the guest's blocks into the stream: zero detection, XBZRLE."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        enc: MainEncoder,
+        stats: RamStats,
+        limiter: RateLimiter,
+        xbzrle: Any | None,
+    ) -> None:
+        self.stream = stream
+        self.enc = enc
+        self.stats = stats
+        self.limiter = limiter
+        self.xbzrle = xbzrle  # XbzrleCache or None
+        self.xbzrle_bases: dict[str, int] = {}
+        self.sync_round = 0
+        self.last_stage = False
+        self._scratch = np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
+
+    async def send(self, data: bytes | np.ndarray | memoryview) -> None:
+        if isinstance(data, np.ndarray):
+            data = memoryview(data).cast("B")  # a flat byte view: partial sends slice bytes
+        n = len(data)
+        if not n:
+            return
+        await self.limiter.acquire(n)
+        await self.stream.send_all(data)
+        self.stats.transferred += n
+
+    async def send_pages(self, name: str, pages: np.ndarray, idx: np.ndarray) -> int:
+        """Send the pages ``idx`` (sorted page numbers) of one block; returns bytes sent."""
+        before = self.stats.transferred
+        for a in range(0, len(idx), BATCH_PAGES):
+            chunk = idx[a : a + BATCH_PAGES]
+            first, last = int(chunk[0]), int(chunk[-1])
+            if last - first == len(chunk) - 1:
+                src = pages[first : last + 1]  # a view: no copy for runs of dirty pages
+            else:
+                src = np.take(pages, chunk, axis=0, out=self._scratch[: len(chunk)])
+            # a page being written by the vCPU right now may be torn here: its dirty bit is
+            # set again and the next pass sends it again, exactly as in QEMU
+            zero = ~src.view(np.uint64).any(axis=1)
+            nz = int(np.count_nonzero(zero))
+            if nz:
+                zidx = chunk[zero]
+                await self.send(self.enc.zero_pages(name, zidx.astype(np.uint64) * PAGE))
+                self.stats.duplicate += nz
+                if self.xbzrle is not None:
+                    base = self.xbzrle_bases[name]
+                    self.xbzrle.cache_zero_pages(base + zidx.astype(np.int64) * PAGE, self.sync_round)
+                if nz == len(chunk):
+                    continue
+            rows = np.flatnonzero(~zero) if nz else None
+            normal = chunk[rows] if nz else chunk
+            if self.xbzrle is not None and self.sync_round >= 2:
+                normal = await self._send_xbzrle(name, pages, normal)
+                if not len(normal):
+                    continue
+                src, rows = pages, normal
+            await self.send(self.enc.pages_from(name, normal.astype(np.uint64) * PAGE, src, rows))
+            self.stats.normal += len(normal)
+            self.stats.normal_bytes += len(normal) * PAGE
+        return self.stats.transferred - before
+
+    async def _send_xbzrle(self, name: str, pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """QEMU's save_xbzrle_page for each page: deltas go out here; pages that must go as
+        PAGE are sent here too, from the cache copy, so cache and destination stay equal."""
+        base = self.xbzrle_bases[name]
+        for i in idx:
+            i = int(i)
+            kind, *payload = self.xbzrle.save_page(
+                base + i * PAGE, pages[i], self.sync_round, self.last_stage, detect_zero=False
+            )
+            if kind == "xbzrle":
+                await self.send(self.enc.encode(XbzrlePage(name, i * PAGE, payload[0])))
+                self.stats.xbzrle_pages += 1
+                self.stats.xbzrle_bytes += len(payload[0])
+            elif kind == "page":
+                data = np.frombuffer(payload[0], np.uint8).reshape(1, PAGE)
+                await self.send(self.enc.pages(name, np.array([i * PAGE], np.uint64), data))
+                self.stats.normal += 1
+                self.stats.normal_bytes += PAGE
+        return idx[:0]
+
+
+class PrecopyMigration:
+    """One outgoing precopy migration attempt."""
+
+    def __init__(
+        self,
+        *,
+        guest: Any,
+        uri: str,
+        caps: Capabilities,
+        params: Parameters,
+        status: StatusMachine,
+        info: MigrationInfo,
+        emit: Callable[[str, dict[str, Any]], None],
+        machine_type: str,
+        log: Any,
+    ) -> None:
+        self.guest = guest
+        self.uri = uri
+        self.caps = caps
+        self.params = params
+        self.status = status
+        self.info = info
+        self.emit = emit
+        self.machine_type = machine_type
+        self.log = log
+        self.stopped_guest = False
+        self.was_running = False
+        self._shut: trio.Event = trio.Event()
+        self._shut_status: int | None = None
+        self._rp_error: BaseException | None = None
+        self._high_dirty_count = 0
+        self._passes_at_max_throttle = 0
+
+    # ------------------------------------------------------------------ entry point
+
+    async def run(self) -> None:
+        info = self.info
+        self.status.to(MigrationStatus.SETUP)
+        info.start_time = time.monotonic()
+        self.was_running = self.guest.run_state == "running"
+        completed = False
+        try:
+            host, port = parse_tcp_uri(self.uri)
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as err:
+                raise MigrationError(f"cannot connect to {host}:{port}: {err.strerror or err}") from None
+            async with stream, trio.open_nursery() as nursery:
+                await self._migrate(stream, nursery)
+                completed = True
+                nursery.cancel_scope.cancel()
+        except trio.Cancelled:
+            self.log.warning("migration cancelled")
+            raise
+        except MigrationError as err:
+            self._fail(str(err))
+        except ProtocolError as err:
+            self._fail(f"return path: {err}")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            self._fail(f"connection to the destination failed: {_describe_io_error(err)}")
+        finally:
+            info.end_time = time.monotonic()
+            with trio.CancelScope(shield=True):
+                await self._restore_guest(completed)
+
+    def _fail(self, desc: str) -> None:
+        self.info.error_desc = desc
+        self.log.error("migration failed", error=desc)
+        if self.status.status is not MigrationStatus.FAILED:
+            self.status.to(MigrationStatus.FAILED)
+
+    async def _restore_guest(self, completed: bool) -> None:
+        try:
+            await trio.to_thread.run_sync(self.guest.stop_dirty_log)
+        except Exception as err:  # the guest's own error must not hide the migration's
+            self.log.error("could not stop dirty logging", error=str(err))
+        self.guest.set_throttle(0)
+        self.info.cpu_throttle = 0
+        if not completed and self.stopped_guest and self.was_running:
+            await trio.to_thread.run_sync(self.guest.start)
+            self.log.info("source guest resumed after unsuccessful migration")
+
+    # ------------------------------------------------------------------ the stream
+
+    async def _migrate(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        info, stats = self.info, self.info.ram
+        enc = MainEncoder()
+        limiter = RateLimiter(self.params)
+        xbzrle = None
+        if self.caps["xbzrle"]:
+            from protocol.xbzrle import XbzrleCache
+
+            xbzrle = XbzrleCache(self.params.xbzrle_cache_size)
+        sender = PageSender(stream, enc, stats, limiter, xbzrle)
+        blocks = self.guest.blocks
+        if xbzrle is not None:
+            from protocol.xbzrle import ram_addr_bases
+
+            sender.xbzrle_bases = ram_addr_bases({n: b.size for n, b in blocks.items()})
+        stats.total = sum(b.size for b in blocks.values())
+        return_path = self.caps["return-path"]
+
+        head = [enc.encode(StreamHeader()), enc.encode(Configuration(self.machine_type))]
+        if return_path:
+            nursery.start_soon(self._read_return_path, stream)
+            head += [enc.encode(OpenReturnPath()), enc.encode(Ping(1))]
+        block_list = RamBlockList(tuple(RamBlockInfo(n, b.size) for n, b in blocks.items()))
+        head += [
+            enc.encode(SectionStart(RAM_SECTION_ID, "ram", 0, 4)),
+            enc.encode(block_list),
+            enc.encode(RamEos()),
+            enc.encode(SectionFooter(RAM_SECTION_ID)),
+        ]
+        # dirty logging starts before the first pass: every write from now on is caught
+        await trio.to_thread.run_sync(self.guest.start_dirty_log)
+        await trio.to_thread.run_sync(self.guest.sync_dirty)
+        dirty = {n: np.arange(b.n_pages, dtype=np.intp) for n, b in blocks.items()}
+        stats.dirty_sync_count = 1
+        sender.sync_round = 1
+        await sender.send(b"".join(head))
+        info.setup_time_ms = int((time.monotonic() - info.start_time) * 1000)
+        self.status.to(MigrationStatus.ACTIVE)
+
+        while True:
+            self._check_return_path()
+            pass_start = time.monotonic()
+            sent = await self._send_pass(sender, dirty)
+            elapsed = max(time.monotonic() - pass_start, 1e-6)
+            bandwidth = sent / elapsed  # bytes/s over this pass
+            dirty = await self._sync(sender, elapsed)
+            remaining = sum(len(v) for v in dirty.values()) * PAGE
+            stats.remaining = remaining
+            stats.mbps = bandwidth * 8 / 1e6
+            stats.pages_per_second = int((sent / (PAGE + 8)) / elapsed)
+            expected = remaining / max(bandwidth, 1.0)
+            info.expected_downtime_ms = int(expected * 1000)
+            info.passes += 1
+            self.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
+            self.log.info(
+                "pass done",
+                passno=info.passes,
+                sent=sent,
+                seconds=round(elapsed, 3),
+                remaining=remaining,
+                expected_downtime_ms=info.expected_downtime_ms,
+                throttle=info.cpu_throttle,
+            )
+            if expected * 1000 <= self.params.downtime_limit:
+                break
+            self._non_convergence(sent, elapsed)
+
+        await self._switchover(sender, stream, dirty)
+
+    async def _send_pass(self, sender: PageSender, dirty: dict[str, np.ndarray]) -> int:
+        """One PART section per up to PART_BYTES of pages; returns the bytes sent."""
+        total = 0
+        in_section = 0
+        open_section = False
+        enc = sender.enc
+        for name, idx in dirty.items():
+            pages = self.guest.blocks[name].pages
+            for a in range(0, len(idx), PART_BYTES // PAGE):
+                if not open_section:
+                    await sender.send(enc.encode(SectionPart(RAM_SECTION_ID)))
+                    open_section = True
+                chunk = idx[a : a + PART_BYTES // PAGE]
+                n = await sender.send_pages(name, pages, chunk)
+                total += n
+                in_section += n
+                self.info.ram.remaining = max(self.info.ram.remaining - len(chunk) * PAGE, 0)
+                if in_section >= PART_BYTES:
+                    await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
+                    open_section = False
+                    in_section = 0
+                    self._check_return_path()
+        if open_section:
+            await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
+        return total
+
+    async def _sync(self, sender: PageSender, elapsed: float) -> dict[str, np.ndarray]:
+        bitmaps = await trio.to_thread.run_sync(self.guest.sync_dirty)
+        out = {name: np.flatnonzero(bm) for name, bm in bitmaps.items()}
+        n_dirty = sum(len(v) for v in out.values())
+        stats = self.info.ram
+        stats.dirty_sync_count += 1
+        stats.dirty_pages_rate = int(n_dirty / max(elapsed, 1e-6))
+        sender.sync_round = stats.dirty_sync_count
+        if sender.xbzrle is not None:
+            sender.xbzrle.update_rates(self.info.ram.normal + self.info.ram.xbzrle_pages)
+            self.info.xbzrle = sender.xbzrle.stats()
+        return out
+
+    def _non_convergence(self, sent: int, elapsed: float) -> None:
+        info, params = self.info, self.params
+        dirtied = info.ram.dirty_pages_rate * elapsed * PAGE
+        if self.caps["auto-converge"]:
+            # QEMU's mig_throttle_guest_down trigger: dirtied > threshold% of sent, twice in a row
+            if dirtied > sent * params.throttle_trigger_threshold / 100:
+                self._high_dirty_count += 1
+            if self._high_dirty_count >= 2:
+                self._high_dirty_count = 0
+                if info.cpu_throttle == 0:
+                    new = params.cpu_throttle_initial
+                else:
+                    new = min(info.cpu_throttle + params.cpu_throttle_increment, params.max_cpu_throttle)
+                if new != info.cpu_throttle:
+                    info.cpu_throttle = new
+                    self.guest.set_throttle(new)
+                    self.log.info("auto-converge: throttling the guest", cpu_throttle=new)
+            if info.cpu_throttle >= params.max_cpu_throttle:
+                self._passes_at_max_throttle += 1
+                if self._passes_at_max_throttle > params.x_max_throttled_passes:
+                    raise MigrationError(
+                        f"migration did not converge: after {params.x_max_throttled_passes} passes at "
+                        f"{info.cpu_throttle}% CPU throttle the expected downtime is still "
+                        f"{info.expected_downtime_ms} ms > downtime-limit {params.downtime_limit} ms"
+                    )
+        elif info.passes >= params.x_max_passes:
+            raise MigrationError(
+                f"migration did not converge after {info.passes} passes: expected downtime "
+                f"{info.expected_downtime_ms} ms > downtime-limit {params.downtime_limit} ms "
+                "(enable auto-converge, raise downtime-limit or max-bandwidth)"
+            )
+
+    async def _switchover(
+        self, sender: PageSender, stream: trio.SocketStream, pending: dict[str, np.ndarray]
+    ) -> None:
+        """Stop the guest; send what is still dirty (``pending``, from the last pass's sync,
+        plus what the guest wrote since), the devices, EOF and the vmdesc."""
+        info, enc = self.info, sender.enc
+        self.status.to(MigrationStatus.DEVICE)
+        down_start = time.monotonic()
+        if self.guest.run_state == "running":
+            self.stopped_guest = True
+        self.guest.store_global_state()  # the destination runs the guest iff it ran here
+        await trio.to_thread.run_sync(self.guest.stop)
+        self.emit("STOP", {})
+        bitmaps = await trio.to_thread.run_sync(self.guest.sync_dirty)
+        self.info.ram.dirty_sync_count += 1
+        sender.last_stage = True
+        await sender.send(enc.encode(SectionEnd(RAM_SECTION_ID)))
+        for name, bm in bitmaps.items():
+            idx = np.union1d(np.flatnonzero(bm), pending.get(name, bm[:0].nonzero()[0]))
+            if len(idx):
+                await sender.send_pages(name, self.guest.blocks[name].pages, idx)
+        await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
+        devices = self.guest.save_devices()
+        out: list[bytes] = []
+        for i, dev in enumerate(devices):
+            sec = DeviceSection(RAM_SECTION_ID + 1 + i, dev.idstr, dev.instance_id, dev.version_id, dev.body)
+            out += [enc.encode(sec), enc.encode(SectionFooter(sec.section_id))]
+        out.append(enc.encode(EndOfStream()))
+        desc = {"page_size": PAGE, "devices": [d.vmdesc_entry for d in devices]}
+        out.append(enc.encode(VmDescription(json.dumps(desc, separators=(", ", ": ")).encode())))
+        await sender.send(b"".join(out))
+        self.info.ram.remaining = 0
+        if self.caps["return-path"]:
+            with trio.move_on_after(self.params.x_completion_timeout) as scope:
+                await self._shut.wait()
+            if scope.cancelled_caught:
+                raise MigrationError(
+                    "destination did not confirm completion (no SHUT) within "
+                    f"{self.params.x_completion_timeout} s"
+                )
+            if self._rp_error is not None:
+                raise self._rp_error
+            if self._shut_status:
+                raise MigrationError(f"destination reported failure (SHUT status {self._shut_status})")
+        else:
+            await stream.send_eof()
+        info.downtime_ms = int((time.monotonic() - down_start) * 1000)
+        self.guest.set_run_state("postmigrate")  # it runs on the destination from now on
+        self.status.to(MigrationStatus.COMPLETED)
+        self.log.info(
+            "migration completed",
+            total_time_ms=info.total_time_ms(),
+            downtime_ms=info.downtime_ms,
+            transferred=info.ram.transferred,
+        )
+
+    # ------------------------------------------------------------------ return path
+
+    def _check_return_path(self) -> None:
+        if self._rp_error is not None:
+            raise self._rp_error
+        if self._shut.is_set() and self.status.status is not MigrationStatus.DEVICE:
+            raise MigrationError(
+                f"destination shut the migration down early (SHUT status {self._shut_status})"
+            )
+
+    async def _read_return_path(self, stream: trio.SocketStream) -> None:
+        block_sizes = {n: b.size for n, b in self.guest.blocks.items()}
+        dec = ReturnPathDecoder(block_sizes=block_sizes)
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    if not self._shut.is_set():
+                        self._rp_error = MigrationError("destination closed the connection without SHUT")
+                        self._shut.set()
+                    return
+                dec.feed(data)
+                for ev in dec.events():
+                    if isinstance(ev, RpPong):
+                        self.log.debug("pong", value=ev.value)
+                    elif isinstance(ev, RpShut):
+                        self._shut_status = ev.status
+                        self._shut.set()
+                    else:
+                        raise ProtocolError(
+                            f"unexpected {type(ev).__name__} during precopy", channel="return-path"
+                        )
+        except ProtocolError as err:
+            self._rp_error = err
+            self._shut.set()
+        except (OSError, trio.BrokenResourceError) as err:
+            self._rp_error = MigrationError(f"return path failed: {_describe_io_error(err)}")
+            self._shut.set()
+
+
+def _describe_io_error(err: BaseException) -> str:
+    cause = err.__cause__ or err.__context__
+    if isinstance(err, trio.BrokenResourceError) and cause is not None:
+        err = cause
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+def round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
