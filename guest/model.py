@@ -44,7 +44,7 @@ from .devices import (
     TimerDevice,
 )
 from .dirty import DirtyLog
-from .ram import Fill, FillKind, RamBlock
+from .ram import Fill, FillKind, RamBlock, RamPool
 from .shared import H_RNG_POS, H_RNG_SEED, H_WRITES, SharedState
 from .vcpu import VcpuCrashed, VcpuProcess
 from .workload import WorkloadPlan, WorkloadSpec, parse_workload
@@ -146,24 +146,42 @@ class Guest:
 
     @classmethod
     def from_block_list(
-        cls, blocks: Iterable[BlockSpec], *, prespawn_vcpu: bool = True, control_timeout: float = 5.0
+        cls,
+        blocks: Iterable[BlockSpec],
+        *,
+        prespawn_vcpu: bool = True,
+        control_timeout: float = 5.0,
+        pool: RamPool | None = None,
     ) -> Guest:
-        """A destination guest with zeroed blocks as announced by the source's RAM block list."""
+        """A destination guest with zeroed blocks as announced by the source's RAM block list.
+
+        With a preallocated ``pool`` big enough, the largest block is made of it."""
         g = cls.empty(prespawn_vcpu=prespawn_vcpu, control_timeout=control_timeout)
+        specs = list(blocks)
+        use_pool = None
+        if pool is not None and specs:
+            largest = max(range(len(specs)), key=lambda i: specs[i][1])
+            if len(specs[largest]) == 2 and specs[largest][1] <= pool.size:
+                use_pool = largest
         try:
-            for spec in blocks:
-                g.add_block(*spec)
+            for i, spec in enumerate(specs):
+                g.add_block(*spec, pool=pool if i == use_pool else None)
         except BaseException:
             g.close()
             raise
         return g
 
-    def add_block(self, name: str, size: int, max_size: int | None = None) -> RamBlock:
+    def add_block(
+        self, name: str, size: int, max_size: int | None = None, *, pool: RamPool | None = None
+    ) -> RamBlock:
         with self._lock:
             self._check_open()
             if name in self.blocks:
                 raise ValueError(f"RAM block {name!r} already exists")
-            block = RamBlock(name, size, max_size=max_size)
+            if pool is not None and max_size is None:
+                block = RamBlock.from_pool(name, size, pool)
+            else:
+                block = RamBlock(name, size, max_size=max_size)
             self.blocks[name] = block
             return block
 

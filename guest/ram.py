@@ -129,13 +129,28 @@ class RamBlock:
         self._init(name, fd, size, max_size, max_size != size)
         return self
 
-    def _init(self, name: str, fd: int, size: int, max_size: int, resizable: bool) -> None:
+    @classmethod
+    def from_pool(cls, name: str, size: int, pool: RamPool) -> RamBlock:
+        """A block made of a preallocated pool: its memfd *and* its mapping, whose page tables
+        are already populated, so the first write to each page costs no fault. Takes the pool."""
+        check_block_name(name)
+        _check_size(size, "block size")
+        fd, mapping, pool_size = pool.take()
+        if size > pool_size:
+            raise ValueError(f"block {name!r} ({size:#x}) does not fit the pool ({pool_size:#x})")
+        self = cls.__new__(cls)
+        self._init(name, fd, size, pool_size, False, mapping)
+        return self
+
+    def _init(
+        self, name: str, fd: int, size: int, max_size: int, resizable: bool, mapping: mmap.mmap | None = None
+    ) -> None:
         self.name = name
         self._resizable = resizable
         self._fd = fd
         self._max_size = max_size
         self._lock = threading.Lock()
-        self._mmap: mmap.mmap | None = mmap.mmap(
+        self._mmap: mmap.mmap | None = mapping or mmap.mmap(
             fd, max_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
         self._full = np.frombuffer(self._mmap, dtype=np.uint8)
@@ -321,3 +336,59 @@ def _hash_zeros(h: xxhash.xxh3_128, zeros: np.ndarray, n: int) -> None:
         k = min(n, step)
         h.update(zeros[:k])
         n -= k
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, without writing to them
+
+
+class RamPool:
+    """Preallocated guest memory (QEMU's -mem-prealloc): a memfd mapped once and populated ahead
+    of time, so an incoming migration does not pay a page fault per first write (several
+    microseconds each on this kind of machine, where shmem gets no transparent huge pages).
+
+    ``populate()`` is slow (it is the allocation, done early) and releases the GIL: run it in a
+    worker thread. A pool is used once: :meth:`take` hands its fd and mapping to a RamBlock.
+    """
+
+    def __init__(self, size: int) -> None:
+        _check_size(size, "pool size")
+        self.size = size
+        self._fd: int | None = os.memfd_create("guest:prealloc", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, size)
+            self._mmap: mmap.mmap | None = mmap.mmap(
+                self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.ready = False
+
+    def populate(self, chunk: int = 64 << 20) -> None:
+        m = self._mmap
+        if m is None:
+            return
+        for off in range(0, self.size, chunk):
+            try:
+                m.madvise(MADV_POPULATE_WRITE, off, min(chunk, self.size - off))
+            except OSError:  # older kernel: touch one byte per page instead
+                arr = np.frombuffer(m, dtype=np.uint8)[off : off + chunk]
+                arr[::PAGE_SIZE] = 0
+            except ValueError:  # closed meanwhile
+                return
+        self.ready = True
+
+    def take(self) -> tuple[int, mmap.mmap, int]:
+        if self._fd is None or self._mmap is None:
+            raise ValueError("this RAM pool was already used")
+        fd, m = self._fd, self._mmap
+        self._fd = self._mmap = None
+        return fd, m, self.size
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

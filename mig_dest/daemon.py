@@ -15,6 +15,7 @@ from control.daemon_common import (
     add_common_args,
     apply_migration_config,
     load_config,
+    parse_size,
     register_common,
     serve_daemon,
     setup_logging,
@@ -35,7 +36,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class DestDaemon:
-    def __init__(self, *, caps: Capabilities, params: Parameters, paused: bool, log: Any) -> None:
+    def __init__(
+        self, *, caps: Capabilities, params: Parameters, paused: bool, log: Any, prealloc: int = 0
+    ) -> None:
+        self.prealloc = prealloc
+        self.pool: Any = None  # guest.ram.RamPool being (or already) populated
         self.caps = caps
         self.params = params
         self.paused = paused
@@ -96,6 +101,8 @@ class DestDaemon:
                     for h, _, p in (a.rpartition(":") for a in self.listening)
                 ]
             out["x-refused-connections"] = self.refused
+            if self.prealloc:
+                out["x-prealloc"] = {"size": self.prealloc, "ready": bool(self.pool and self.pool.ready)}
             return out
 
         @reg.command("migrate_cancel")
@@ -138,7 +145,23 @@ class DestDaemon:
     def _guest_factory(self, blocks: list[tuple[str, int]], machine_type: str | None) -> Any:
         from guest.model import Guest
 
-        return Guest.from_block_list(blocks)
+        # the pool is only used once it is fully populated; a half-populated one would race
+        pool = self.pool if self.pool is not None and self.pool.ready else None
+        if pool is not None:
+            self.pool = None
+        return Guest.from_block_list(blocks, pool=pool)
+
+    async def _refill_pool(self) -> None:
+        """Preallocate guest memory in the background (QEMU's -mem-prealloc)."""
+        from guest.ram import RamPool
+
+        if not self.prealloc or self.pool is not None or self.holder.guest is not None:
+            return
+        pool = RamPool(self.prealloc)
+        self.pool = pool
+        t = time.monotonic()
+        await trio.to_thread.run_sync(pool.populate)
+        self.log.info("guest memory preallocated", size=self.prealloc, seconds=round(time.monotonic() - t, 2))
 
     async def _incoming(self, stream: trio.SocketStream, peer: str) -> None:
         self._migration_id += 1
@@ -162,6 +185,8 @@ class DestDaemon:
                 await self._adopt(received, log)
         finally:
             self._busy = False
+        if self.holder.guest is None and self._nursery is not None:
+            self._nursery.start_soon(self._refill_pool)  # the failed attempt used the pool
 
     async def _adopt(self, received: ReceivedGuest, log: Any) -> None:
         guest = received.guest
@@ -182,6 +207,7 @@ class DestDaemon:
     ) -> None:
         self._nursery = nursery
         self.server = server
+        nursery.start_soon(self._refill_pool)
         if listen is not None:
             await self.listen(*listen)
         await trio.sleep_forever()
@@ -202,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--paused", action="store_true", default=None, help="keep the received guest paused (like -S)"
     )
+    ap.add_argument(
+        "--prealloc",
+        type=parse_size,
+        default=None,
+        help="preallocate this much guest memory at start-up (like -mem-prealloc), so incoming pages "
+        "pay no first-touch page faults",
+    )
     return ap
 
 
@@ -219,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"mig-dest: --listen: {err}") from None
     paused = args.paused if args.paused is not None else bool(dcfg.get("paused", False))
-    daemon = DestDaemon(caps=caps, params=params, paused=paused, log=log)
+    prealloc = args.prealloc if args.prealloc is not None else parse_size(dcfg.get("prealloc", 0))
+    daemon = DestDaemon(caps=caps, params=params, paused=paused, log=log, prealloc=prealloc)
 
     async def body(nursery: trio.Nursery, server: QmpServer | None) -> None:
         try:
@@ -232,4 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if daemon.holder.guest is not None:
             daemon.holder.guest.close()
+        if daemon.pool is not None:
+            daemon.pool.close()
     return 0

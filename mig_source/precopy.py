@@ -53,6 +53,7 @@ from protocol.return_path import ReturnPathDecoder
 
 PAGE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough to stay in cache
+SOCKET_BUFFER = 8 << 20
 RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
 PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
 
@@ -183,9 +184,26 @@ class PageSender:
         await self.stream.send_all(data)
         self.stats.transferred += n
 
-    async def send_pages(self, name: str, pages: np.ndarray, idx: np.ndarray) -> int:
-        """Send the pages ``idx`` (sorted page numbers) of one block; returns bytes sent."""
+    async def send_pages(
+        self, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray | None = None
+    ) -> int:
+        """Send the pages ``idx`` (sorted page numbers) of one block; returns bytes sent.
+
+        ``holes`` marks pages the memory backend has never allocated: they are zero without
+        being read (reading would make the kernel allocate them)."""
         before = self.stats.transferred
+        if holes is not None:
+            known_zero = holes[idx]
+            if known_zero.any():
+                zidx = idx[known_zero]
+                for a in range(0, len(zidx), 1 << 16):
+                    part = zidx[a : a + (1 << 16)]
+                    await self.send(self.enc.zero_pages(name, part.astype(np.uint64) * PAGE))
+                    if self.xbzrle is not None:
+                        base = self.xbzrle_bases[name]
+                        self.xbzrle.cache_zero_pages(base + part.astype(np.int64) * PAGE, self.sync_round)
+                self.stats.duplicate += len(zidx)
+                idx = idx[~known_zero]
         for a in range(0, len(idx), BATCH_PAGES):
             chunk = idx[a : a + BATCH_PAGES]
             first, last = int(chunk[0]), int(chunk[-1])
@@ -195,7 +213,7 @@ class PageSender:
                 src = np.take(pages, chunk, axis=0, out=self._scratch[: len(chunk)])
             # a page being written by the vCPU right now may be torn here: its dirty bit is
             # set again and the next pass sends it again, exactly as in QEMU
-            zero = ~src.view(np.uint64).any(axis=1)
+            zero = zero_pages_mask(src)
             nz = int(np.count_nonzero(zero))
             if nz:
                 zidx = chunk[zero]
@@ -286,10 +304,19 @@ class PrecopyMigration:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as err:
                 raise MigrationError(f"cannot connect to {host}:{port}: {err.strerror or err}") from None
-            async with stream, trio.open_nursery() as nursery:
-                await self._migrate(stream, nursery)
-                completed = True
-                nursery.cancel_scope.cancel()
+            tune_socket(stream.socket)
+            async with stream:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await self._migrate(stream, nursery)
+                        completed = True
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # the nursery wraps even a lone error in a group (strict exception groups):
+                    # unwrap it for the handlers below, or it escapes and kills the daemon
+                    if len(group.exceptions) == 1:
+                        raise group.exceptions[0]  # noqa: B904 (keep the error's own __cause__)
+                    raise
         except trio.Cancelled:
             self.log.warning("migration cancelled")
             raise
@@ -356,6 +383,7 @@ class PrecopyMigration:
         await trio.to_thread.run_sync(self.guest.start_dirty_log)
         await trio.to_thread.run_sync(self.guest.sync_dirty)
         dirty = {n: np.arange(b.n_pages, dtype=np.intp) for n, b in blocks.items()}
+        stats.remaining = stats.total
         stats.dirty_sync_count = 1
         sender.sync_round = 1
         await sender.send(b"".join(head))
@@ -397,18 +425,25 @@ class PrecopyMigration:
         total = 0
         in_section = 0
         open_section = False
+        pass_start = time.monotonic()
         enc = sender.enc
         for name, idx in dirty.items():
-            pages = self.guest.blocks[name].pages
+            block = self.guest.blocks[name]
+            pages = block.pages
+            holes = hole_pages(block)
             for a in range(0, len(idx), PART_BYTES // PAGE):
                 if not open_section:
                     await sender.send(enc.encode(SectionPart(RAM_SECTION_ID)))
                     open_section = True
                 chunk = idx[a : a + PART_BYTES // PAGE]
-                n = await sender.send_pages(name, pages, chunk)
+                n = await sender.send_pages(name, pages, chunk, holes)
                 total += n
                 in_section += n
-                self.info.ram.remaining = max(self.info.ram.remaining - len(chunk) * PAGE, 0)
+                stats = self.info.ram
+                stats.remaining = max(stats.remaining - len(chunk) * PAGE, 0)
+                elapsed = time.monotonic() - pass_start
+                if elapsed > 0.05:  # live rate for query-migrate while the pass runs
+                    stats.mbps = total * 8 / elapsed / 1e6
                 if in_section >= PART_BYTES:
                     await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
                     open_section = False
@@ -557,6 +592,36 @@ class PrecopyMigration:
         except (OSError, trio.BrokenResourceError) as err:
             self._rp_error = MigrationError(f"return path failed: {_describe_io_error(err)}")
             self._shut.set()
+
+
+def zero_pages_mask(pages: np.ndarray) -> np.ndarray:
+    """Which of these pages are all zero. A page with a non-zero first word cannot be, so only
+    the rest are read in full: random data costs one word per page, not 4 KiB."""
+    words = pages.view(np.uint64)
+    zero = words[:, 0] == 0
+    cand = np.flatnonzero(zero)
+    if len(cand):
+        zero[cand] = ~words[cand].any(axis=1)
+    return zero
+
+
+def tune_socket(sock: Any) -> None:
+    """Large kernel buffers: a 1 MiB page batch then goes out in one send call."""
+    import socket
+
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def hole_pages(block: Any) -> np.ndarray:
+    """Per page: True where the block's memory was never allocated (so it reads as zero)."""
+    holes = np.ones(block.n_pages, dtype=bool)
+    for start, stop in block.data_ranges():
+        holes[start // PAGE : -(-stop // PAGE)] = False
+    return holes
 
 
 def _describe_io_error(err: BaseException) -> str:
