@@ -177,12 +177,11 @@ class DestDaemon:
             emit=self.emit,
             log=log,
             model_machine_type=MODEL_MACHINE_TYPE,
+            on_received=lambda received: self._adopt(received, log),
         )
         try:
             async with stream:
-                received = await migration.run(stream)
-            if received is not None:
-                await self._adopt(received, log)
+                await migration.run(stream)
         finally:
             self._busy = False
         if self.holder.guest is None and self._nursery is not None:

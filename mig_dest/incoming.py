@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +121,10 @@ class IncomingMigration:
         emit: Callable[[str, dict[str, Any]], None],
         log: Any,
         model_machine_type: str,
+        on_received: Callable[[ReceivedGuest], Awaitable[None]] | None = None,
     ) -> None:
         self.model_machine_type = model_machine_type
+        self.on_received = on_received
         self.guest_factory = guest_factory
         self.caps = caps
         self.params = params
@@ -149,14 +151,19 @@ class IncomingMigration:
             if self.rp_open:
                 await stream.send_all(encode_rp(RpShut(0)))
             self.info.end_time = time.monotonic()
+            guest, self.guest = self.guest, None
+            received = ReceivedGuest(guest, self.machine_type, self.run_state, self.vmdesc)
+            if self.on_received is not None:
+                # as in QEMU, the guest is in place (and running, if it is to run) before the
+                # status says completed: a client that sees "completed" can use it at once
+                await self.on_received(received)
             self.status.to(MigrationStatus.COMPLETED)
             self.log.info(
                 "incoming migration completed",
                 total_time_ms=self.info.total_time_ms(),
                 transferred=self.info.stats.transferred,
             )
-            guest, self.guest = self.guest, None
-            return ReceivedGuest(guest, self.machine_type, self.run_state, self.vmdesc)
+            return received
         except (ProtocolError, IncomingError) as err:
             await self._fail(stream, str(err))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
