@@ -20,8 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import queue
+import select
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,27 +127,41 @@ class MigrationInfo:
 
 
 class RateLimiter:
-    """Bytes per second, in 100 ms windows like QEMU's rate limiter; 0 means unlimited."""
+    """Bytes per second, in 100 ms windows like QEMU's rate limiter; 0 means unlimited.
+    Used from the trio task or from the sender thread, never both at once."""
 
     def __init__(self, params: Parameters) -> None:
         self._params = params
         self._window_start = time.monotonic()
         self._used = 0
 
-    async def acquire(self, n: int) -> None:
+    def _wait_until(self, n: int) -> float | None:
+        """Account ``n`` bytes; the monotonic time to wait until, if over the budget."""
         limit = self._params.max_bandwidth
         if limit <= 0:
-            return
+            return None
         per_window = max(limit / 10, 1)
         now = time.monotonic()
         if now - self._window_start >= 0.1:
             self._window_start = now
             self._used = 0
         self._used += n
-        if self._used > per_window:
-            await trio.sleep_until(self._window_start + 0.1 * (self._used / per_window))
-            self._window_start = trio.current_time()
-            self._used = 0
+        if self._used <= per_window:
+            return None
+        until = self._window_start + 0.1 * (self._used / per_window)
+        self._window_start = until
+        self._used = 0
+        return until
+
+    async def acquire(self, n: int) -> None:
+        until = self._wait_until(n)
+        if until is not None:
+            await trio.sleep(max(until - time.monotonic(), 0))
+
+    def acquire_blocking(self, n: int, abort: threading.Event) -> None:
+        until = self._wait_until(n)
+        while until is not None and not abort.is_set() and time.monotonic() < until:
+            abort.wait(min(until - time.monotonic(), 0.05))
 
 
 def parse_tcp_uri(uri: str) -> tuple[str, int]:
@@ -173,7 +192,6 @@ class PageSender:
         self.xbzrle_bases: dict[str, int] = {}
         self.sync_round = 0
         self.last_stage = False
-        self._scratch = np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
 
     async def send(self, data: bytes | np.ndarray | memoryview) -> None:
         if isinstance(data, np.ndarray):
@@ -193,49 +211,127 @@ class PageSender:
         ``holes`` marks pages the memory backend has never allocated: they are zero without
         being read (reading would make the kernel allocate them)."""
         before = self.stats.transferred
+        batches = self._batches(name, pages, idx, holes)
+        if self.xbzrle is None:
+            await self._send_in_threads(batches)
+        else:
+            for item in batches:
+                if isinstance(item, np.ndarray):
+                    await self.send(item)
+                else:
+                    await self._send_xbzrle(name, pages, item[1])
+        return self.stats.transferred - before
+
+    def _batches(
+        self, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray | None
+    ) -> Iterator[np.ndarray | tuple[str, np.ndarray]]:
+        """Encoded record buffers for ``idx``, batch by batch; with XBZRLE active, the normal
+        pages of a batch come out as ("xbzrle", page numbers) for the caller to encode."""
         if holes is not None:
             known_zero = holes[idx]
             if known_zero.any():
                 zidx = idx[known_zero]
                 for a in range(0, len(zidx), 1 << 16):
                     part = zidx[a : a + (1 << 16)]
-                    await self.send(self.enc.zero_pages(name, part.astype(np.uint64) * PAGE))
-                    if self.xbzrle is not None:
-                        base = self.xbzrle_bases[name]
-                        self.xbzrle.cache_zero_pages(base + part.astype(np.int64) * PAGE, self.sync_round)
-                self.stats.duplicate += len(zidx)
+                    yield self.enc.zero_pages(name, part.astype(np.uint64) * PAGE)
+                    self._note_zero(name, part)
                 idx = idx[~known_zero]
+        scratch = np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
         for a in range(0, len(idx), BATCH_PAGES):
             chunk = idx[a : a + BATCH_PAGES]
             first, last = int(chunk[0]), int(chunk[-1])
             if last - first == len(chunk) - 1:
                 src = pages[first : last + 1]  # a view: no copy for runs of dirty pages
             else:
-                src = np.take(pages, chunk, axis=0, out=self._scratch[: len(chunk)])
+                src = np.take(pages, chunk, axis=0, out=scratch[: len(chunk)])
             # a page being written by the vCPU right now may be torn here: its dirty bit is
             # set again and the next pass sends it again, exactly as in QEMU
             zero = zero_pages_mask(src)
             nz = int(np.count_nonzero(zero))
             if nz:
                 zidx = chunk[zero]
-                await self.send(self.enc.zero_pages(name, zidx.astype(np.uint64) * PAGE))
-                self.stats.duplicate += nz
-                if self.xbzrle is not None:
-                    base = self.xbzrle_bases[name]
-                    self.xbzrle.cache_zero_pages(base + zidx.astype(np.int64) * PAGE, self.sync_round)
+                yield self.enc.zero_pages(name, zidx.astype(np.uint64) * PAGE)
+                self._note_zero(name, zidx)
                 if nz == len(chunk):
                     continue
             rows = np.flatnonzero(~zero) if nz else None
             normal = chunk[rows] if nz else chunk
             if self.xbzrle is not None and self.sync_round >= 2:
-                normal = await self._send_xbzrle(name, pages, normal)
-                if not len(normal):
-                    continue
-                src, rows = pages, normal
-            await self.send(self.enc.pages_from(name, normal.astype(np.uint64) * PAGE, src, rows))
+                yield ("xbzrle", normal)
+                continue
+            yield self.enc.pages_from(name, normal.astype(np.uint64) * PAGE, src, rows)
             self.stats.normal += len(normal)
             self.stats.normal_bytes += len(normal) * PAGE
-        return self.stats.transferred - before
+
+    def _note_zero(self, name: str, zidx: np.ndarray) -> None:
+        self.stats.duplicate += len(zidx)
+        if self.xbzrle is not None:
+            base = self.xbzrle_bases[name]
+            self.xbzrle.cache_zero_pages(base + zidx.astype(np.int64) * PAGE, self.sync_round)
+
+    async def _send_in_threads(self, batches: Iterator[Any]) -> None:
+        """Encode and send in two worker threads so that encoding the next batch overlaps the
+        kernel's copy of this one (numpy and send() both release the GIL).
+
+        Cancellation sets an abort flag and then waits, shielded, for the threads to stop, so
+        no thread is left writing to a socket that the caller is about to close."""
+        abort = threading.Event()
+        done = threading.Event()
+        # our own descriptor of the connection: valid for the thread whatever trio closes
+        sock = socket.socket(fileno=os.dup(self.stream.socket.fileno()))
+
+        def work() -> None:
+            try:
+                self._pipeline(batches, sock, abort)
+            finally:
+                sock.close()
+                done.set()
+
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            abort.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(done.wait)
+            raise
+
+    def _pipeline(self, batches: Iterator[Any], sock: Any, abort: threading.Event) -> None:
+        q: queue.Queue[Any] = queue.Queue(maxsize=4)
+        end = object()
+
+        def produce() -> None:
+            try:
+                for buf in batches:
+                    while not abort.is_set():
+                        try:
+                            q.put(buf, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if abort.is_set():
+                        return
+                q.put(end)
+            except BaseException as err:  # handed to the sending thread, raised there
+                q.put(err)
+
+        producer = threading.Thread(target=produce, name="page-encoder", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = q.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                data = memoryview(item).cast("B")
+                self.limiter.acquire_blocking(len(data), abort)
+                _sendall_nonblocking(sock, data, abort)
+                self.stats.transferred += len(data)
+                if abort.is_set():
+                    return
+        finally:
+            abort.set()  # stops the producer if we leave early (error or cancel)
+            producer.join()
 
     async def _send_xbzrle(self, name: str, pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """QEMU's save_xbzrle_page for each page: deltas go out here; pages that must go as
@@ -608,11 +704,24 @@ def zero_pages_mask(pages: np.ndarray) -> np.ndarray:
 
 def tune_socket(sock: Any) -> None:
     """Large kernel buffers: a 1 MiB page batch then goes out in one send call."""
-    import socket
-
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):  # a smaller buffer only costs speed
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+
+def _sendall_nonblocking(sock: Any, data: memoryview, abort: threading.Event) -> None:
+    """sendall from a worker thread on trio's non-blocking socket: wait with poll()."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    while data:
+        if abort.is_set():
+            return
+        try:
+            n = sock.send(data)
+        except BlockingIOError:
+            poller.poll(100)
+            continue
+        data = data[n:]
 
 
 def hole_pages(block: Any) -> np.ndarray:

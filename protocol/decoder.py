@@ -720,7 +720,7 @@ class MainDecoder:
         windows so that a short run costs little."""
         n = len(hdr)
         done = 0
-        window = 16
+        window = 512  # one pass for the runs a 1-4 MiB read holds; larger buffers grow by 4x
         while done < n:
             stop = min(n, done + window)
             ok = (hdr[done:stop] & FLAG_MASK) == want
