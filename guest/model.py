@@ -70,7 +70,10 @@ class Guest:
         workload: WorkloadSpec | None = None,
         run_state: str = "prelaunch",
         control_timeout: float = 5.0,
+        native_devices: bool = True,
     ) -> None:
+        """``native_devices=False``: a guest of a foreign machine (a real QEMU's), whose device
+        sections are all kept verbatim as opaque devices; it has RAM but cannot execute."""
         if run_state not in STOPPED_STATES:
             raise ValueError(f"a new guest starts stopped, not in {run_state!r}")
         self.blocks: dict[str, RamBlock] = {}
@@ -91,10 +94,11 @@ class Guest:
         self._clock_base: int | None = None  # monotonic_ns() - clock, while running
         self._closed = False
         self.devices = DeviceSet()
-        self.devices.register(TimerDevice(self.vm_clock_ns, self._set_clock))
-        self.devices.register(CpuDevice(self._get_cpu_state, self._set_cpu_state))
         self._globalstate = GlobalStateDevice(lambda: self.run_state)
-        self.devices.register(self._globalstate)
+        if native_devices:
+            self.devices.register(TimerDevice(self.vm_clock_ns, self._set_clock))
+            self.devices.register(CpuDevice(self._get_cpu_state, self._set_cpu_state))
+            self.devices.register(self._globalstate)
 
     # ------------------------------------------------------------------ construction
 
@@ -134,13 +138,15 @@ class Guest:
         return g
 
     @classmethod
-    def empty(cls, *, prespawn_vcpu: bool = True, control_timeout: float = 5.0) -> Guest:
+    def empty(
+        cls, *, prespawn_vcpu: bool = True, control_timeout: float = 5.0, native_devices: bool = True
+    ) -> Guest:
         """A destination guest in state ``inmigrate`` without blocks (add them as announced).
 
         The vCPU process is spawned now, idle, so its start-up is not in the downtime.
         """
-        g = cls(run_state="inmigrate", control_timeout=control_timeout)
-        if prespawn_vcpu:
+        g = cls(run_state="inmigrate", control_timeout=control_timeout, native_devices=native_devices)
+        if prespawn_vcpu and native_devices:
             g.prepare_vcpu()
         return g
 
@@ -152,11 +158,14 @@ class Guest:
         prespawn_vcpu: bool = True,
         control_timeout: float = 5.0,
         pool: RamPool | None = None,
+        native_devices: bool = True,
     ) -> Guest:
         """A destination guest with zeroed blocks as announced by the source's RAM block list.
 
         With a preallocated ``pool`` big enough, the largest block is made of it."""
-        g = cls.empty(prespawn_vcpu=prespawn_vcpu, control_timeout=control_timeout)
+        g = cls.empty(
+            prespawn_vcpu=prespawn_vcpu, control_timeout=control_timeout, native_devices=native_devices
+        )
         specs = list(blocks)
         use_pool = None
         if pool is not None and specs:

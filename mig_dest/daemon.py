@@ -149,7 +149,8 @@ class DestDaemon:
         pool = self.pool if self.pool is not None and self.pool.ready else None
         if pool is not None:
             self.pool = None
-        return Guest.from_block_list(blocks, pool=pool)
+        native = machine_type == MODEL_MACHINE_TYPE
+        return Guest.from_block_list(blocks, pool=pool, native_devices=native)
 
     async def _refill_pool(self) -> None:
         """Preallocate guest memory in the background (QEMU's -mem-prealloc)."""
@@ -190,6 +191,12 @@ class DestDaemon:
     async def _adopt(self, received: ReceivedGuest, log: Any) -> None:
         guest = received.guest
         self.holder.guest = guest
+        if received.machine_type != MODEL_MACHINE_TYPE:
+            # a real QEMU's guest: its RAM and device state are here, but our model cannot
+            # execute x86 code; it stays paused (to be stored, checked, or migrated on)
+            guest.set_run_state("paused")
+            log.info("QEMU guest received; kept paused", machine_type=received.machine_type)
+            return
         # QEMU: run if the source ran and no -S; else paused, or the source's stopped state
         if received.run_state == "running" and not self.paused:
             t = time.monotonic()

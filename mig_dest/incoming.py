@@ -168,6 +168,9 @@ class IncomingMigration:
             await self._fail(stream, str(err))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
             await self._fail(stream, f"connection from the source failed: {err}")
+        except Exception as err:  # a bug of ours must fail this migration, not the daemon
+            self.log.exception("internal error during incoming migration")
+            await self._fail(stream, f"internal error: {type(err).__name__}: {err}")
         finally:
             if self.guest is not None:  # never completed: drop the half-built guest
                 await trio.to_thread.run_sync(self.guest.close)
@@ -302,7 +305,10 @@ class IncomingMigration:
             raise IncomingError(f"device section {ev.idstr!r} before any RAM block list")
         if self.machine_type != self.model_machine_type:
             # a real QEMU's device: we have no model of it, keep it verbatim to re-send
-            self.guest.store_opaque_device(DeviceState(ev.idstr, ev.instance_id, ev.version_id, ev.body))
+            try:
+                self.guest.store_opaque_device(DeviceState(ev.idstr, ev.instance_id, ev.version_id, ev.body))
+            except ValueError as err:
+                raise IncomingError(str(err)) from None
             return
         try:
             self.guest.load_device(ev.idstr, ev.instance_id, ev.version_id, ev.body)
