@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,8 +39,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 class DestDaemon:
     def __init__(
-        self, *, caps: Capabilities, params: Parameters, paused: bool, log: Any, prealloc: int = 0
+        self,
+        *,
+        caps: Capabilities,
+        params: Parameters,
+        paused: bool,
+        log: Any,
+        prealloc: int = 0,
+        store: Path | None = None,
     ) -> None:
+        self.store = store
         self.prealloc = prealloc
         self.pool: Any = None  # guest.ram.RamPool being (or already) populated
         self.caps = caps
@@ -95,6 +105,8 @@ class DestDaemon:
                 }
                 if st is MigrationStatus.FAILED and self.info.error_desc:
                     out["error-desc"] = self.info.error_desc
+                if self.info.stored_image:
+                    out["x-stored-image"] = self.info.stored_image
             if self.listening:
                 out["socket-address"] = [
                     {"type": "inet", "host": h, "port": p}
@@ -190,6 +202,11 @@ class DestDaemon:
 
     async def _adopt(self, received: ReceivedGuest, log: Any) -> None:
         guest = received.guest
+        if self.store is not None:
+            # before "completed": a completed migration has its image on disk, a failed one none
+            path = await trio.to_thread.run_sync(store_image, self.store, received, self.info.peer)
+            self.info.stored_image = str(path)
+            log.info("guest image stored", path=str(path))
         self.holder.guest = guest
         if received.machine_type != MODEL_MACHINE_TYPE:
             # a real QEMU's guest: its RAM and device state are here, but our model cannot
@@ -219,6 +236,34 @@ class DestDaemon:
         await trio.sleep_forever()
 
 
+def store_image(directory: Path, received: ReceivedGuest, peer: str | None) -> Path:
+    """Write the received guest as a VM image (guest/image.py) named by time and machine."""
+    from guest.image import DeviceRecord, write_image
+
+    guest = received.guest
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = directory / f"{stamp}-{received.machine_type or 'unknown'}"
+    cfg = received.configuration
+    config = {
+        "machine_type": received.machine_type,
+        "target_page_bits": cfg.target_page_bits if cfg else None,
+        "capabilities": list(cfg.capabilities) if cfg and cfg.capabilities is not None else None,
+        "uuid": cfg.uuid.hex() if cfg and cfg.uuid else None,
+    }
+    return write_image(
+        path,
+        machine_type=received.machine_type or "",
+        config=config,
+        blocks=[(name, blk.array) for name, blk in guest.blocks.items()],
+        devices=[
+            DeviceRecord(d.idstr, d.instance_id, d.version_id, d.body, d.section_id) for d in received.devices
+        ],
+        vmdesc=received.vmdesc,
+        extra={"run_state": received.run_state},
+        source=f"mig-dest, incoming migration from {peer}",
+    )
+
+
 def _peer(stream: trio.SocketStream) -> str:
     try:
         h, p = stream.socket.getpeername()[:2]
@@ -233,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen", help="HOST:PORT to accept migrations on (else use QMP migrate-incoming)")
     ap.add_argument(
         "--paused", action="store_true", default=None, help="keep the received guest paused (like -S)"
+    )
+    ap.add_argument(
+        "--store",
+        type=Path,
+        help="store every received guest as a VM image in this directory (written only once the "
+        "migration completed)",
     )
     ap.add_argument(
         "--prealloc",
@@ -259,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"mig-dest: --listen: {err}") from None
     paused = args.paused if args.paused is not None else bool(dcfg.get("paused", False))
     prealloc = args.prealloc if args.prealloc is not None else parse_size(dcfg.get("prealloc", 0))
-    daemon = DestDaemon(caps=caps, params=params, paused=paused, log=log, prealloc=prealloc)
+    store = args.store if args.store is not None else (Path(dcfg["store"]) if "store" in dcfg else None)
+    daemon = DestDaemon(caps=caps, params=params, paused=paused, log=log, prealloc=prealloc, store=store)
 
     async def body(nursery: trio.Nursery, server: QmpServer | None) -> None:
         try:

@@ -91,6 +91,7 @@ class IncomingInfo:
     error_desc: str | None = None
     peer: str | None = None
     machine_type: str | None = None
+    stored_image: str | None = None
 
     def total_time_ms(self) -> int:
         end = self.end_time if self.end_time is not None else time.monotonic()
@@ -105,6 +106,8 @@ class ReceivedGuest:
     machine_type: str | None
     run_state: str  # from the globalstate section ("running", "paused", "prelaunch"...)
     vmdesc: bytes | None
+    configuration: Configuration | None = None
+    devices: list[DeviceSection] = field(default_factory=list)  # as received, in stream order
 
 
 class IncomingMigration:
@@ -136,6 +139,8 @@ class IncomingMigration:
         self.rp_open = False
         self.machine_type: str | None = None
         self.vmdesc: bytes | None = None
+        self.configuration: Configuration | None = None
+        self.devices: list[DeviceSection] = []
         self.run_state = "running"  # QEMU assumes running when no globalstate section comes
         self._written: dict[str, np.ndarray] = {}
         self._pages: dict[str, np.ndarray] = {}
@@ -152,7 +157,9 @@ class IncomingMigration:
                 await stream.send_all(encode_rp(RpShut(0)))
             self.info.end_time = time.monotonic()
             guest, self.guest = self.guest, None
-            received = ReceivedGuest(guest, self.machine_type, self.run_state, self.vmdesc)
+            received = ReceivedGuest(
+                guest, self.machine_type, self.run_state, self.vmdesc, self.configuration, self.devices
+            )
             if self.on_received is not None:
                 # as in QEMU, the guest is in place (and running, if it is to run) before the
                 # status says completed: a client that sees "completed" can use it at once
@@ -244,6 +251,7 @@ class IncomingMigration:
         elif isinstance(ev, StreamHeader):
             self.status.to(MigrationStatus.ACTIVE)
         elif isinstance(ev, Configuration):
+            self.configuration = ev
             self.machine_type = ev.machine_type
             self.info.machine_type = ev.machine_type
             if ev.capabilities:
@@ -298,6 +306,7 @@ class IncomingMigration:
         self.log.info("guest RAM created", blocks=len(blocks), total=self.info.stats.total)
 
     def _load_device(self, ev: DeviceSection) -> None:
+        self.devices.append(ev)
         if ev.idstr == "globalstate" and len(ev.body) >= 4:
             n = int.from_bytes(ev.body[:4], "big")
             self.run_state = ev.body[4 : 4 + max(n - 1, 0)].decode("ascii", errors="replace")

@@ -28,8 +28,16 @@ from .precopy import MigrationInfo, PrecopyMigration
 
 class SourceDaemon:
     def __init__(
-        self, guest: Any, *, machine_type: str, caps: Capabilities, params: Parameters, log: Any
+        self,
+        guest: Any,
+        *,
+        machine_type: str,
+        caps: Capabilities,
+        params: Parameters,
+        log: Any,
+        vmdesc: bytes | None = None,
     ) -> None:
+        self.vmdesc = vmdesc  # a stored QEMU guest's trailer, re-sent verbatim
         self.holder = GuestHolder(guest)
         self.machine_type = machine_type
         self.caps = caps
@@ -132,6 +140,7 @@ class SourceDaemon:
             emit=self.emit,
             machine_type=self.machine_type,
             log=log,
+            vmdesc=self.vmdesc,
         )
         scope = trio.CancelScope()
         self._scope = scope
@@ -154,6 +163,40 @@ class SourceDaemon:
         if guest.run_state == "running":
             self.log.info("guest running", blocks=len(guest.blocks))
         await trio.sleep_forever()
+
+
+def load_image_guest(path: Path) -> tuple[Any, str, bytes | None]:
+    """A guest from a stored VM image (guest/image.py): our model's (its devices loaded, so its
+    workload can run on) or a real QEMU's (devices kept verbatim; it cannot execute here, but
+    migrates to a QEMU started with the same machine options, which runs it on)."""
+    from guest.devices import DeviceState
+    from guest.image import ImageError, read_image
+    from guest.model import Guest
+
+    try:
+        image = read_image(path)
+    except ImageError as err:
+        raise ValueError(f"image {path}: {err}") from None
+    native = image.machine_type == MODEL_MACHINE_TYPE
+    guest = Guest.from_block_list([(n, len(a)) for n, a in image.blocks.items()], native_devices=native)
+    try:
+        chunk = 1 << 20
+        for name, content in image.blocks.items():
+            dst = guest.blocks[name].array
+            for off in range(0, len(content), chunk):
+                part = content[off : off + chunk]
+                if part.any():  # holes stay holes: no memory for zero chunks
+                    dst[off : off + len(part)] = part
+        for d in image.devices:
+            if native:
+                guest.load_device(d.idstr, d.instance_id, d.version_id, d.body)
+            else:
+                guest.store_opaque_device(DeviceState(d.idstr, d.instance_id, d.version_id, d.body))
+        guest.set_run_state("paused")
+    except BaseException:
+        guest.close()
+        raise
+    return guest, image.machine_type, None if native else image.vmdesc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,14 +242,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--block {spec!r}: expected NAME:SIZE")
         blocks.append((name, parse_size(size)))
     paused = args.paused if args.paused is not None else bool(gcfg.get("paused", False))
+    machine_type, vmdesc = MODEL_MACHINE_TYPE, None
+    image_path = args.image or (Path(gcfg["image"]) if "image" in gcfg else None)
     try:
-        guest = Guest.create(blocks, fill=fill, seed=seed, workload=workload)
-    except ValueError as err:
+        if image_path is not None:
+            guest, machine_type, vmdesc = load_image_guest(image_path)
+            log.info("guest loaded from image", image=str(image_path), machine_type=machine_type)
+        else:
+            guest = Guest.create(blocks, fill=fill, seed=seed, workload=workload)
+            log.info("guest created", ram=ram, fill=fill, workload=workload, blocks=[b for b, _ in blocks])
+    except (ValueError, OSError) as err:
         raise SystemExit(f"mig-source: {err}") from None
-    log.info("guest created", ram=ram, fill=fill, workload=workload, blocks=[b for b, _ in blocks])
-    if not paused:
+    if not paused and machine_type == MODEL_MACHINE_TYPE:
         guest.start()
-    daemon = SourceDaemon(guest, machine_type=MODEL_MACHINE_TYPE, caps=caps, params=params, log=log)
+    daemon = SourceDaemon(guest, machine_type=machine_type, caps=caps, params=params, log=log, vmdesc=vmdesc)
     try:
         trio.run(lambda: serve_daemon(qmp_path=args.qmp, reg=daemon.registry, log=log, body=daemon.body))
     finally:

@@ -369,7 +369,9 @@ class PrecopyMigration:
         emit: Callable[[str, dict[str, Any]], None],
         machine_type: str,
         log: Any,
+        vmdesc: bytes | None = None,
     ) -> None:
+        self.vmdesc = vmdesc
         self.guest = guest
         self.uri = uri
         self.caps = caps
@@ -623,8 +625,11 @@ class PrecopyMigration:
             sec = DeviceSection(RAM_SECTION_ID + 1 + i, dev.idstr, dev.instance_id, dev.version_id, dev.body)
             out += [enc.encode(sec), enc.encode(SectionFooter(sec.section_id))]
         out.append(enc.encode(EndOfStream()))
-        desc = {"page_size": PAGE, "devices": [d.vmdesc_entry for d in devices]}
-        out.append(enc.encode(VmDescription(json.dumps(desc, separators=(", ", ": ")).encode())))
+        if self.vmdesc is not None:
+            out.append(enc.encode(VmDescription(self.vmdesc)))
+        elif all(d.vmdesc_entry is not None for d in devices):
+            desc = {"page_size": PAGE, "devices": [d.vmdesc_entry for d in devices]}
+            out.append(enc.encode(VmDescription(json.dumps(desc, separators=(", ", ": ")).encode())))
         await sender.send(b"".join(out))
         self.info.ram.remaining = 0
         if self.caps["return-path"]:
