@@ -117,6 +117,7 @@ def random_campaign(count: int, seed: int, crash_dir: Path) -> int:
 def atheris_campaign(argv: list[str]) -> None:
     import atheris
 
+    atheris.instrument_all()  # coverage feedback over every loaded function, the decoders' too
     pool = seeds()
 
     def test_one(data: bytes) -> None:
