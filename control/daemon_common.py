@@ -4,12 +4,14 @@ migration settings, and the process shell (logging, signals, the QMP server)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from .logsetup import configure_logging
@@ -20,6 +22,18 @@ from .qmp_server import Arg, CommandRegistry, ListOf, QmpError, QmpServer
 MODEL_MACHINE_TYPE = "x-migpy-model-1"
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+SOCKET_BUFFER = 8 << 20
+
+
+def tune_socket(sock: Any) -> None:
+    """Large kernel buffers: a 1 MiB page batch then goes out in one send call."""
+    import socket
+
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # a smaller buffer only costs speed
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def parse_size(text: str | int) -> int:
@@ -195,6 +209,19 @@ async def serve_daemon(
 
         nursery.start_soon(watch_signals)
         await body(nursery, server)
+
+
+def daemon_setup(
+    parser: argparse.ArgumentParser, argv: list[str] | None, name: str
+) -> tuple[argparse.Namespace, dict[str, Any], Any, Capabilities, Parameters]:
+    """What every daemon's main() does first: flags, TOML config, logging, and the migration
+    capabilities and parameters from the config's [migration] table."""
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    setup_logging(args, cfg)
+    caps, params = Capabilities(), Parameters()
+    apply_migration_config(cfg, caps, params)
+    return args, cfg, structlog.get_logger(name), caps, params
 
 
 def setup_logging(args: argparse.Namespace, cfg: dict[str, Any]) -> None:

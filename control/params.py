@@ -181,3 +181,44 @@ class Capabilities:
                 raise ValueError(f"capability '{name}' is not supported by this implementation")
             staged[name] = state
         self.state.update(staged)
+
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class RamStats:
+    transferred: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    normal_bytes: int = 0
+    xbzrle_pages: int = 0
+    xbzrle_bytes: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    mbps: float = 0.0
+    pages_per_second: int = 0
+    remaining: int = 0
+    total: int = 0
+    postcopy_requests: int = 0
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "skipped": 0,
+            "normal": self.normal,
+            "normal-bytes": self.normal_bytes,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(self.mbps, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "pages-per-second": self.pages_per_second,
+            "postcopy-requests": self.postcopy_requests,
+            "page-size": PAGE_SIZE,
+            "multifd-bytes": 0,
+            "precopy-bytes": self.transferred,
+            "downtime-bytes": 0,
+            "postcopy-bytes": 0,
+        }

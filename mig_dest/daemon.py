@@ -8,19 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import structlog
 import trio
 
 from control.daemon_common import (
     MODEL_MACHINE_TYPE,
     GuestHolder,
     add_common_args,
-    apply_migration_config,
-    load_config,
+    daemon_setup,
     parse_size,
     register_common,
     serve_daemon,
-    setup_logging,
 )
 from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
@@ -296,13 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config)
-    setup_logging(args, cfg)
-    log = structlog.get_logger("mig-dest")
+    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-dest")
     dcfg = cfg.get("dest", {})
-    caps, params = Capabilities(), Parameters()
-    apply_migration_config(cfg, caps, params)
     listen_text = args.listen or dcfg.get("listen")
     try:
         listen = parse_listen(listen_text) if listen_text else None

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.daemon_common import tune_socket
+from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
 from guest.devices import DeviceState
-from mig_source.precopy import tune_socket
 from protocol.decoder import MainDecoder
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -61,33 +61,8 @@ class IncomingError(Exception):
 
 
 @dataclass
-class IncomingStats:
-    transferred: int = 0
-    duplicate: int = 0
-    normal: int = 0
-    xbzrle: int = 0
-    total: int = 0
-
-    def to_qmp(self) -> dict[str, Any]:
-        return {
-            "transferred": self.transferred,
-            "remaining": 0,
-            "total": self.total,
-            "duplicate": self.duplicate,
-            "skipped": 0,
-            "normal": self.normal,
-            "normal-bytes": self.normal * PAGE,
-            "dirty-pages-rate": 0,
-            "mbps": 0,
-            "dirty-sync-count": 0,
-            "pages-per-second": 0,
-            "page-size": PAGE,
-        }
-
-
-@dataclass
 class IncomingInfo:
-    stats: IncomingStats = field(default_factory=IncomingStats)
+    stats: RamStats = field(default_factory=RamStats)
     start_time: float = 0.0
     end_time: float | None = None
     error_desc: str | None = None
@@ -238,6 +213,7 @@ class IncomingMigration:
                 self._pages[ev.block][idx] = ev.data
                 self._written[ev.block][idx] = True
             self.info.stats.normal += n
+            self.info.stats.normal_bytes += n * PAGE
         elif isinstance(ev, ZeroPages):
             idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
             if ev.fill:
@@ -255,7 +231,7 @@ class IncomingMigration:
             page = self._pages[ev.block][ev.offset // PAGE]
             decode_xbzrle(ev.delta, page)
             self._written[ev.block][ev.offset // PAGE] = True
-            self.info.stats.xbzrle += 1
+            self.info.stats.xbzrle_pages += 1
         elif isinstance(ev, (SectionPart, SectionEnd, RamEos, SectionFooter)):
             pass
         elif isinstance(ev, StreamHeader):

@@ -6,19 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import structlog
 import trio
 
 from control.daemon_common import (
     MODEL_MACHINE_TYPE,
     GuestHolder,
     add_common_args,
-    apply_migration_config,
-    load_config,
+    daemon_setup,
     parse_size,
     register_common,
     serve_daemon,
-    setup_logging,
 )
 from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
@@ -221,16 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config)
-    setup_logging(args, cfg)
-    log = structlog.get_logger("mig-source")
+    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-source")
     gcfg = cfg.get("guest", {})
 
     from guest.model import Guest
 
-    caps, params = Capabilities(), Parameters()
-    apply_migration_config(cfg, caps, params)
     ram = args.ram if args.ram is not None else parse_size(gcfg.get("ram", "1G"))
     fill = args.fill or gcfg.get("fill", "zero")
     workload = args.workload or gcfg.get("workload", "none")

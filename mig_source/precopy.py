@@ -17,7 +17,6 @@ Either way the failure leaves the source guest running, unchanged, with a clear 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -33,7 +32,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.daemon_common import tune_socket
+from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
 from protocol.encoder import MainEncoder
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -59,51 +59,12 @@ from protocol.return_path import ReturnPathDecoder
 
 PAGE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough to stay in cache
-SOCKET_BUFFER = 8 << 20
 RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
 PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
 
 
 class MigrationError(Exception):
     """A migration failed for a reason a user should read (becomes error-desc)."""
-
-
-@dataclass
-class RamStats:
-    transferred: int = 0
-    duplicate: int = 0
-    normal: int = 0
-    normal_bytes: int = 0
-    xbzrle_pages: int = 0
-    xbzrle_bytes: int = 0
-    dirty_sync_count: int = 0
-    dirty_pages_rate: int = 0
-    mbps: float = 0.0
-    pages_per_second: int = 0
-    remaining: int = 0
-    total: int = 0
-    postcopy_requests: int = 0
-
-    def to_qmp(self) -> dict[str, Any]:
-        return {
-            "transferred": self.transferred,
-            "remaining": self.remaining,
-            "total": self.total,
-            "duplicate": self.duplicate,
-            "skipped": 0,
-            "normal": self.normal,
-            "normal-bytes": self.normal_bytes,
-            "dirty-pages-rate": self.dirty_pages_rate,
-            "mbps": round(self.mbps, 3),
-            "dirty-sync-count": self.dirty_sync_count,
-            "pages-per-second": self.pages_per_second,
-            "postcopy-requests": self.postcopy_requests,
-            "page-size": PAGE,
-            "multifd-bytes": 0,
-            "precopy-bytes": self.transferred,
-            "downtime-bytes": 0,
-            "postcopy-bytes": 0,
-        }
 
 
 @dataclass
@@ -705,13 +666,6 @@ def zero_pages_mask(pages: np.ndarray) -> np.ndarray:
     if len(cand):
         zero[cand] = ~words[cand].any(axis=1)
     return zero
-
-
-def tune_socket(sock: Any) -> None:
-    """Large kernel buffers: a 1 MiB page batch then goes out in one send call."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):  # a smaller buffer only costs speed
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def _sendall_nonblocking(sock: Any, data: memoryview, abort: threading.Event) -> None:
