@@ -26,6 +26,7 @@ from protocol.events import (
     RamBlockInfo,
     RamBlockList,
     RamEos,
+    RamHook,
     RecvBitmapRequest,
     SectionEnd,
     SectionFooter,
@@ -53,7 +54,9 @@ def block_lists(draw: st.DrawFn) -> RamBlockList:
 def page_events(draw: st.DrawFn, blocks: RamBlockList) -> Event:
     b = draw(st.sampled_from(blocks.blocks))
     n_pages = b.used_length // PAGE
-    kind = draw(st.sampled_from(["zero", "pages", "xbzrle", "compressed"]))
+    kind = draw(st.sampled_from(["zero", "pages", "xbzrle", "compressed", "hook"]))
+    if kind == "hook":
+        return RamHook(draw(st.integers(0, 2**20)) * PAGE)
     if kind in ("zero", "pages"):
         count = draw(st.integers(1, 6))
         offs = (
@@ -80,6 +83,7 @@ simple_commands = st.one_of(
     st.just(EnableColo()),
     st.just(PostcopyResume()),
     st.just(PostcopyAdvise()),
+    st.just(PostcopyAdvise(4096, 4096)),
 )
 
 
@@ -115,7 +119,17 @@ def vmdesc_for(devices: list[DeviceSection]) -> VmDescription:
 def precopy_streams(draw: st.DrawFn) -> list[Event]:
     """A complete, valid precopy-like stream as events (pages not yet coalesced)."""
     blocks = draw(block_lists())
-    evs: list[Event] = [StreamHeader(), Configuration(draw(st.sampled_from(["pc-i440fx-7.2", "pc-q35-7.2"])))]
+    config = Configuration(
+        draw(st.sampled_from(["pc-i440fx-7.2", "pc-q35-7.2"])),
+        draw(st.sampled_from([None, 12])),
+        draw(
+            st.one_of(
+                st.none(), st.lists(st.sampled_from(["validate-uuid", "x-colo"]), max_size=2).map(tuple)
+            )
+        ),
+        draw(st.one_of(st.none(), st.binary(min_size=16, max_size=16))),
+    )
+    evs: list[Event] = [StreamHeader(), config]
     evs += draw(st.lists(simple_commands, max_size=3))
     evs += [SectionStart(2, "ram", 0, 4), blocks, RamEos(), SectionFooter(2)]
     if draw(st.booleans()):
