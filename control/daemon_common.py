@@ -212,7 +212,10 @@ async def serve_daemon(
 
 
 def daemon_setup(
-    parser: argparse.ArgumentParser, argv: list[str] | None, name: str
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    name: str,
+    supported: frozenset[str] | None = None,
 ) -> tuple[argparse.Namespace, dict[str, Any], Any, Capabilities, Parameters]:
     """What every daemon's main() does first: flags, TOML config, logging, and the migration
     capabilities and parameters from the config's [migration] table."""
@@ -220,6 +223,8 @@ def daemon_setup(
     cfg = load_config(args.config)
     setup_logging(args, cfg)
     caps, params = Capabilities(), Parameters()
+    if supported is not None:
+        caps.supported = supported
     apply_migration_config(cfg, caps, params)
     return args, cfg, structlog.get_logger(name), caps, params
 

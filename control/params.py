@@ -160,6 +160,8 @@ class Parameters:
 @dataclass
 class Capabilities:
     state: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
+    # what this daemon implements; setting anything else on is refused, never ignored
+    supported: frozenset[str] = SUPPORTED_CAPABILITIES
 
     def __getitem__(self, name: str) -> bool:
         return self.state[name]
@@ -177,7 +179,7 @@ class Capabilities:
                 raise ValueError(f"Invalid parameter '{name}'")
             if not isinstance(state, bool):
                 raise ValueError(f"capability '{name}' state must be a boolean")
-            if state and name not in SUPPORTED_CAPABILITIES:
+            if state and name not in self.supported:
                 raise ValueError(f"capability '{name}' is not supported by this implementation")
             staged[name] = state
         self.state.update(staged)

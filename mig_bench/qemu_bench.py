@@ -168,7 +168,8 @@ def report(r: dict[str, Any]) -> str:
         [
             "qemu benchmark: paused 1 GiB pc guest, 768 MiB random data, max-bandwidth unlimited",
             "  (seconds from migrate to completed on the source; both destinations preallocate memory)",
-            f"  QEMU -> QEMU -mem-prealloc:      {times('qemu_to_qemu_s')} s (best {r['best_qemu_to_qemu_s']:.3f})",
+            f"  QEMU -> QEMU -mem-prealloc:      {times('qemu_to_qemu_s')} s "
+            f"(best {r['best_qemu_to_qemu_s']:.3f})",
             f"  QEMU -> mig-dest --prealloc:     {times('qemu_to_migdest_s')} s "
             f"(best {r['best_qemu_to_migdest_s']:.3f})",
             f"  ratio mig-dest / QEMU: {r['ratio']:.2f} (target <= 1.1: {verdict})",

@@ -104,6 +104,9 @@ class DestDaemon:
                     out["error-desc"] = self.info.error_desc
                 if self.info.stored_image:
                     out["x-stored-image"] = self.info.stored_image
+                if self.info.postcopy_state is not None:
+                    out["x-postcopy-state"] = self.info.postcopy_state
+                    out["x-postcopy-requests"] = self.info.postcopy_requests
             if self.listening:
                 out["socket-address"] = [
                     {"type": "inet", "host": h, "port": p}

@@ -33,8 +33,13 @@ from protocol.events import (
     EndOfStream,
     Event,
     OpenReturnPath,
+    Packaged,
     Pages,
     Ping,
+    PostcopyAdvise,
+    PostcopyListen,
+    PostcopyRamDiscard,
+    PostcopyRun,
     RamBlockList,
     RamEos,
     RamHook,
@@ -52,8 +57,13 @@ from protocol.events import (
 from protocol.return_path import encode_rp
 from protocol.xbzrle import decode_xbzrle
 
+from .postcopy import PostcopyState, PostcopyStateError, PostcopyStateMachine, ReceivedMap
+
 PAGE = 4096
 RECV_SIZE = 1 << 20  # per recv_into: a page run's worth, applied while still in cache
+# postcopy: page requests outstanding at most (sent in batches as the pages arrive)
+MAX_OUTSTANDING_REQUESTS = 256
+REQUEST_POLL = 0.05  # s: the requester looks again at least this often
 
 
 class IncomingError(Exception):
@@ -69,6 +79,8 @@ class IncomingInfo:
     peer: str | None = None
     machine_type: str | None = None
     stored_image: str | None = None
+    postcopy_state: str | None = None  # set once POSTCOPY_ADVISE arrived
+    postcopy_requests: int = 0  # pages requested over the return path
 
     def total_time_ms(self) -> int:
         end = self.end_time if self.end_time is not None else time.monotonic()
@@ -123,13 +135,24 @@ class IncomingMigration:
         self._pages: dict[str, np.ndarray] = {}
         self._eof = False
         self._done = False
+        self._dec: MainDecoder | None = None
+        self._nursery: trio.Nursery | None = None
+        self.pc = PostcopyStateMachine()
+        self.received_map: ReceivedMap | None = None  # only with postcopy-ram on here
+        self._rp_lock = trio.Lock()  # RP writes come from the receive loop and the requester
+        self._arrived = trio.Event()  # pages arrived while postcopy runs: wakes the requester
 
     async def run(self, stream: trio.SocketStream) -> ReceivedGuest | None:
         """Receive the whole stream; returns the guest on success, None on failure."""
         self.status.to(MigrationStatus.SETUP)
         self.info.start_time = time.monotonic()
         try:
-            await self._receive(stream)
+            try:
+                await self._receive(stream)
+            except BaseExceptionGroup as group:  # from the requester's nursery
+                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                    raise group.exceptions[0] from None
+                raise
             if self.rp_open:
                 await stream.send_all(encode_rp(RpShut(0)))
             self.info.end_time = time.monotonic()
@@ -148,7 +171,7 @@ class IncomingMigration:
                 transferred=self.info.stats.transferred,
             )
             return received
-        except (ProtocolError, IncomingError) as err:
+        except (ProtocolError, IncomingError, PostcopyStateError) as err:
             await self._fail(stream, str(err))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
             await self._fail(stream, f"connection from the source failed: {err}")
@@ -170,8 +193,22 @@ class IncomingMigration:
             with trio.move_on_after(1), _ignore_io():
                 await stream.send_all(encode_rp(RpShut(1)))
 
+    async def _send_rp(self, stream: trio.SocketStream, data: bytes) -> None:
+        async with self._rp_lock:
+            await stream.send_all(data)
+
     async def _receive(self, stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._receive_loop(stream)
+            finally:
+                nursery.cancel_scope.cancel()  # the postcopy requester, if it runs
+                self._nursery = None
+
+    async def _receive_loop(self, stream: trio.SocketStream) -> None:
         dec = MainDecoder(zero_copy=True, initial_capacity=4 * RECV_SIZE)
+        self._dec = dec
         tune_socket(stream.socket)
         stats = self.info.stats
         # our own descriptor of the connection, non-blocking like trio's: drained in a tight
@@ -205,17 +242,37 @@ class IncomingMigration:
     async def _handle(self, ev: Event, stream: trio.SocketStream) -> None:
         if isinstance(ev, Pages):
             idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
-            first, n = int(idx[0]), len(idx)
-            if int(idx[-1]) - first == n - 1:  # a run of consecutive pages: one slice copy
-                self._pages[ev.block][first : first + n] = ev.data
-                self._written[ev.block][first : first + n] = True
-            else:
-                self._pages[ev.block][idx] = ev.data
-                self._written[ev.block][idx] = True
+            data = ev.data
+            n = len(idx)
+            if self.pc.listening:  # postcopy: a page is placed once, never overwritten
+                new = ~self._received(ev.block)[idx]
+                if not new.all():
+                    idx, data = idx[new], data[new]
+            if len(idx):
+                first, k = int(idx[0]), len(idx)
+                if int(idx[-1]) - first == k - 1:  # a run of consecutive pages: one slice copy
+                    self._pages[ev.block][first : first + k] = data
+                    self._written[ev.block][first : first + k] = True
+                    if self.received_map is not None:
+                        self.received_map.received[ev.block][first : first + k] = True
+                else:
+                    self._pages[ev.block][idx] = data
+                    self._written[ev.block][idx] = True
+                    if self.received_map is not None:
+                        self.received_map.received[ev.block][idx] = True
             self.info.stats.normal += n
             self.info.stats.normal_bytes += n * PAGE
+            if self.pc.state is PostcopyState.RUNNING:
+                self._arrived.set()
         elif isinstance(ev, ZeroPages):
             idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            n = len(idx)
+            if self.pc.listening:
+                idx = idx[~self._received(ev.block)[idx]]
+            if self.received_map is not None:
+                self.received_map.received[ev.block][idx] = True
+            if self.pc.state is PostcopyState.RUNNING:
+                self._arrived.set()
             if ev.fill:
                 self._pages[ev.block][idx] = ev.fill
                 self._written[ev.block][idx] = True
@@ -226,8 +283,14 @@ class IncomingMigration:
                 if len(hit):
                     self._pages[ev.block][hit] = 0
                     written[hit] = False
-            self.info.stats.duplicate += len(idx)
+            self.info.stats.duplicate += n
         elif isinstance(ev, XbzrlePage):
+            if self.pc.listening:
+                raise IncomingError(
+                    f"XBZRLE page in postcopy state {self.pc.state.name} (not accepted in postcopy)"
+                )
+            if self.received_map is not None:
+                self.received_map.received[ev.block][ev.offset // PAGE] = True
             page = self._pages[ev.block][ev.offset // PAGE]
             decode_xbzrle(ev.delta, page)
             self._written[ev.block][ev.offset // PAGE] = True
@@ -251,11 +314,37 @@ class IncomingMigration:
         elif isinstance(ev, Ping):
             if not self.rp_open:
                 raise IncomingError(f"PING {ev.value} arrived but no return path was opened")
-            await stream.send_all(encode_rp(RpPong(ev.value)))
+            await self._send_rp(stream, encode_rp(RpPong(ev.value)))
+        elif isinstance(ev, PostcopyAdvise) and self.caps["postcopy-ram"]:
+            self._postcopy_advise(ev)
+        elif isinstance(ev, PostcopyRamDiscard) and self.caps["postcopy-ram"]:
+            self._postcopy_to(PostcopyState.DISCARD, "POSTCOPY_RAM_DISCARD")
+            self._discard(ev)
+        elif isinstance(ev, PostcopyListen) and self.caps["postcopy-ram"]:
+            if self.received_map is None:
+                raise IncomingError("POSTCOPY_LISTEN before the RAM block list")
+            self._postcopy_to(PostcopyState.LISTENING, "POSTCOPY_LISTEN")
+        elif isinstance(ev, PostcopyRun) and self.caps["postcopy-ram"]:
+            self._postcopy_to(PostcopyState.RUNNING, "POSTCOPY_RUN")
+            self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._request_pages, stream)
+            self.log.info("postcopy running", missing=self._missing_count())
+        elif isinstance(ev, Packaged) and self.caps["postcopy-ram"]:
+            await self._packaged(ev, stream)
         elif isinstance(ev, DeviceSection):
             self._load_device(ev)
         elif isinstance(ev, EndOfStream):
             self._eof = True
+            if self.pc.state is PostcopyState.RUNNING:
+                # postcopy ends with EOF and no VMDESCRIPTION: every page must be here by now
+                self._postcopy_to(PostcopyState.END, "EOF")
+                missing = self._missing_count()
+                if missing:
+                    raise IncomingError(f"postcopy stream ended with {missing} pages never received")
+                self._done = True
+            elif self.pc.state is PostcopyState.LISTENING:
+                raise IncomingError("the stream ended in postcopy state LISTENING (no POSTCOPY_RUN)")
         elif isinstance(ev, VmDescription):
             self.vmdesc = ev.json_bytes
             self._done = True
@@ -265,8 +354,12 @@ class IncomingMigration:
             page = zlib.decompress(ev.data)
             if len(page) != PAGE:
                 raise IncomingError(f"compressed page at 0x{ev.offset:x} inflates to {len(page)} bytes")
+            if self.pc.listening and self._received(ev.block)[ev.offset // PAGE]:
+                return  # postcopy: placed once
             self._pages[ev.block][ev.offset // PAGE] = np.frombuffer(page, np.uint8)
             self._written[ev.block][ev.offset // PAGE] = True
+            if self.received_map is not None:
+                self.received_map.received[ev.block][ev.offset // PAGE] = True
         elif isinstance(ev, RamHook):
             raise IncomingError("RAM_SAVE_FLAG_HOOK (an RDMA control hook) on a TCP stream")
         else:
@@ -288,8 +381,84 @@ class IncomingMigration:
         for name, blk in self.guest.blocks.items():
             self._pages[name] = blk.pages
             self._written[name] = np.zeros(blk.n_pages, dtype=bool)
+        if self.caps["postcopy-ram"]:
+            self.received_map = ReceivedMap({name: size for name, size in blocks})
         self.info.stats.total = sum(size for _, size in blocks)
         self.log.info("guest RAM created", blocks=len(blocks), total=self.info.stats.total)
+
+    # ---- postcopy (WIRE.md §6)
+
+    def _postcopy_to(self, new: PostcopyState, command: str) -> None:
+        self.pc.to(new, command)
+        self.info.postcopy_state = new.name.lower()
+
+    def _received(self, block: str) -> np.ndarray:
+        assert self.received_map is not None
+        return self.received_map.received[block]
+
+    def _missing_count(self) -> int:
+        return self.received_map.missing_count() if self.received_map is not None else 0
+
+    def _postcopy_advise(self, ev: PostcopyAdvise) -> None:
+        self._postcopy_to(PostcopyState.ADVISE, "POSTCOPY_ADVISE")
+        if ev.host_page_summary is None:
+            raise IncomingError(
+                "POSTCOPY_ADVISE without page sizes (dirty-bitmaps postcopy only) but postcopy-ram is on here"
+            )
+        if ev.host_page_summary != PAGE or ev.target_page_size != PAGE:
+            raise IncomingError(
+                f"POSTCOPY_ADVISE page sizes: host summary 0x{ev.host_page_summary:x}, target "
+                f"{ev.target_page_size}; this destination supports only {PAGE} for both (no hugepages)"
+            )
+
+    def _discard(self, ev: PostcopyRamDiscard) -> None:
+        if self.received_map is None:
+            raise IncomingError("POSTCOPY_RAM_DISCARD before the RAM block list")
+        if ev.block not in self.received_map.received:
+            raise IncomingError(f"POSTCOPY_RAM_DISCARD for unknown RAM block {ev.block!r}")
+        try:
+            slices = self.received_map.discard(ev.block, ev.ranges)
+        except ValueError as err:
+            raise IncomingError(str(err)) from None
+        pages, written = self._pages[ev.block], self._written[ev.block]
+        for first, last in slices:  # a discarded page must never be served stale
+            pages[first:last] = 0
+            written[first:last] = False
+
+    async def _packaged(self, ev: Packaged, stream: trio.SocketStream) -> None:
+        assert self._dec is not None
+        sub = MainDecoder(expect_header=False, known_blocks=self._dec.blocks, sections=self._dec.sections)
+        sub.feed(ev.data)
+        events = [*sub.events(), *sub.end_of_input()]
+        for i, sev in enumerate(events):
+            if isinstance(sev, Packaged):
+                raise IncomingError("PACKAGED inside a PACKAGED blob")
+            if isinstance(sev, EndOfStream):
+                raise IncomingError("EOF inside the PACKAGED blob")
+            await self._handle(sev, stream)
+            if isinstance(sev, PostcopyRun) and i != len(events) - 1:
+                raise IncomingError("records follow POSTCOPY_RUN inside the PACKAGED blob")
+
+    async def _request_pages(self, stream: trio.SocketStream) -> None:
+        """After RUN: request the missing pages, as a running guest's faults would, keeping at
+        most MAX_OUTSTANDING_REQUESTS outstanding while background pages keep arriving."""
+        rm = self.received_map
+        assert rm is not None
+        while rm.missing_count():
+            budget = MAX_OUTSTANDING_REQUESTS - rm.outstanding()
+            if budget > 0:
+                reqs = rm.build_requests(budget)
+                if reqs:
+                    data = b"".join(encode_rp(r) for r in reqs)
+                    async with self._rp_lock:
+                        # never leave half a message on the RP (SHUT comes after it)
+                        with trio.CancelScope(shield=True), trio.move_on_after(10):
+                            await stream.send_all(data)
+                    self.info.postcopy_requests += len(reqs)
+            self._arrived = trio.Event()
+            with trio.move_on_after(REQUEST_POLL):
+                await self._arrived.wait()
+        self.log.info("postcopy: all pages received", requested=self.info.postcopy_requests)
 
     def _load_device(self, ev: DeviceSection) -> None:
         self.devices.append(ev)

@@ -17,7 +17,7 @@ from control.daemon_common import (
     register_common,
     serve_daemon,
 )
-from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.params import SUPPORTED_CAPABILITIES, Capabilities, MigrationStatus, Parameters, StatusMachine
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
 
 from .precopy import MigrationInfo, PrecopyMigration
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-source")
+    # the source has no postcopy yet (the destination does)
+    source_caps = SUPPORTED_CAPABILITIES - {"postcopy-ram"}
+    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-source", source_caps)
     gcfg = cfg.get("guest", {})
 
     from guest.model import Guest
