@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class Pair:
     dest: Daemon
     port: int
     workdir: Path
-    _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
 
 async def _start(name: str, argv: list[str], workdir: Path, stack: contextlib.AsyncExitStack) -> Daemon:

@@ -18,7 +18,6 @@ Either way the failure leaves the source guest running, unchanged, with a clear 
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import select
@@ -698,7 +697,3 @@ def _describe_io_error(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err) or type(err).__name__
-
-
-def round_up(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)

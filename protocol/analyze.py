@@ -21,16 +21,29 @@ from .events import (
     CompressedPage,
     Configuration,
     DeviceSection,
+    EnableColo,
     EndOfStream,
     Event,
     MultifdInit,
     MultifdPacket,
+    OpenReturnPath,
     Packaged,
     Pages,
+    Ping,
+    PostcopyAdvise,
+    PostcopyListen,
+    PostcopyRamDiscard,
+    PostcopyResume,
+    PostcopyRun,
     RamBlockList,
     RamEos,
     RamHook,
+    RecvBitmapRequest,
+    RpPong,
     RpRecvBitmap,
+    RpReqPages,
+    RpResumeAck,
+    RpShut,
     SectionEnd,
     SectionFooter,
     SectionPart,
@@ -52,8 +65,7 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
 
 def _command_dict(ev: Event) -> dict[str, Any]:
     """A command (or return-path message) as {"name": ..., fields...}."""
-    name = type(ev).__name__
-    out: dict[str, Any] = {"name": _COMMAND_NAMES.get(name, name)}
+    out: dict[str, Any] = {"name": _COMMAND_NAMES.get(type(ev), type(ev).__name__)}
     for f in dataclasses.fields(ev):  # type: ignore[arg-type]
         value = getattr(ev, f.name)
         if isinstance(value, bytes):
@@ -67,24 +79,23 @@ def _command_dict(ev: Event) -> dict[str, Any]:
     return out
 
 
-_COMMAND_NAMES = {
-    "OpenReturnPath": "OPEN_RETURN_PATH",
-    "Ping": "PING",
-    "PostcopyAdvise": "POSTCOPY_ADVISE",
-    "PostcopyListen": "POSTCOPY_LISTEN",
-    "PostcopyRun": "POSTCOPY_RUN",
-    "PostcopyRamDiscard": "POSTCOPY_RAM_DISCARD",
-    "Packaged": "PACKAGED",
-    "EnableColo": "ENABLE_COLO",
-    "PostcopyResume": "POSTCOPY_RESUME",
-    "RecvBitmapRequest": "RECV_BITMAP",
-    "RpShut": "SHUT",
-    "RpPong": "PONG",
-    "RpReqPages": "REQ_PAGES",
-    "RpRecvBitmap": "RECV_BITMAP",
-    "RpResumeAck": "RESUME_ACK",
+_COMMAND_NAMES: dict[type, str] = {
+    OpenReturnPath: "OPEN_RETURN_PATH",
+    Ping: "PING",
+    PostcopyAdvise: "POSTCOPY_ADVISE",
+    PostcopyListen: "POSTCOPY_LISTEN",
+    PostcopyRun: "POSTCOPY_RUN",
+    PostcopyRamDiscard: "POSTCOPY_RAM_DISCARD",
+    Packaged: "PACKAGED",
+    EnableColo: "ENABLE_COLO",
+    PostcopyResume: "POSTCOPY_RESUME",
+    RecvBitmapRequest: "RECV_BITMAP",
+    RpShut: "SHUT",
+    RpPong: "PONG",
+    RpReqPages: "REQ_PAGES",
+    RpRecvBitmap: "RECV_BITMAP",
+    RpResumeAck: "RESUME_ACK",
 }
-_COMMAND_TYPES = tuple(_COMMAND_NAMES)
 
 
 class MainReport:
@@ -181,7 +192,7 @@ class MainReport:
                 self.eof = True
         elif isinstance(ev, VmDescription):
             self.vmdesc_size = len(ev.json_bytes)
-        elif isinstance(ev, _command_classes()):
+        elif isinstance(ev, tuple(_COMMAND_NAMES)):
             cmd = _command_dict(ev)
             if in_package:
                 cmd["in_package"] = True
@@ -212,12 +223,6 @@ class MainReport:
             "eof": self.eof,
             "vmdesc_bytes": self.vmdesc_size,
         }
-
-
-def _command_classes() -> tuple[type, ...]:
-    from . import events
-
-    return tuple(getattr(events, n) for n in _COMMAND_TYPES)
 
 
 def analyze_main(chunks: Iterable[bytes], *, header: bool = True) -> MainReport:

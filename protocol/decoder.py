@@ -39,6 +39,7 @@ from .events import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     TARGET_PAGE_SIZE,
+    Command,
     CompressedPage,
     Configuration,
     EnableColo,
@@ -68,6 +69,7 @@ from .events import (
     XbzrlePage,
     ZeroPages,
 )
+from .wire import COMMAND_LENGTHS
 
 PAGE = TARGET_PAGE_SIZE
 FLAG_MASK = PAGE - 1
@@ -89,32 +91,6 @@ MAX_DISCARD_RANGES = 12
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
 _be64 = struct.Struct(">Q")
-
-# fixed payload lengths of MIG_CMD_*; None = variable, checked by its parser
-COMMAND_LENGTHS: dict[int, int | None] = {
-    1: 0,  # OPEN_RETURN_PATH
-    2: 4,  # PING
-    3: None,  # POSTCOPY_ADVISE: 0 or 16
-    4: 0,  # POSTCOPY_LISTEN
-    5: 0,  # POSTCOPY_RUN
-    6: None,  # POSTCOPY_RAM_DISCARD
-    7: 4,  # PACKAGED
-    8: 0,  # ENABLE_COLO (no entry in QEMU's table: checked as 0)
-    9: 0,  # POSTCOPY_RESUME
-    10: None,  # RECV_BITMAP
-}
-COMMAND_NAMES = {
-    1: "OPEN_RETURN_PATH",
-    2: "PING",
-    3: "POSTCOPY_ADVISE",
-    4: "POSTCOPY_LISTEN",
-    5: "POSTCOPY_RUN",
-    6: "POSTCOPY_RAM_DISCARD",
-    7: "PACKAGED",
-    8: "ENABLE_COLO",
-    9: "POSTCOPY_RESUME",
-    10: "RECV_BITMAP",
-}
 
 
 class _NeedMore(Exception):
@@ -772,9 +748,9 @@ class MainDecoder:
     def _parse_command(self, rd: _Reader, at: int) -> Event:
         cmd = rd.be16()
         length = rd.be16()
-        name = COMMAND_NAMES.get(cmd)
-        if name is None:
+        if cmd not in COMMAND_LENGTHS:
             raise self._fail(f"unknown command {cmd} (QEMU 7.2 knows 1..10)", at, "command")
+        name = Command(cmd).name
         section = f"command {name}"
         fixed = COMMAND_LENGTHS[cmd]
         if fixed is not None and length != fixed:
