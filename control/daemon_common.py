@@ -170,6 +170,43 @@ def register_common(
         return params.to_qmp()
 
 
+class DaemonShell:
+    """What both daemons are: the guest, migration capabilities/parameters/status, a QMP
+    registry holding the common commands, and events to QMP clients. A daemon adds its own
+    commands in :meth:`register` and sets ``server`` and ``_nursery`` when it runs."""
+
+    idle_run_state = "prelaunch"  # query-status before there is a guest
+
+    def __init__(self, *, guest: Any, caps: Capabilities, params: Parameters, log: Any) -> None:
+        self.holder = GuestHolder(guest)
+        self.caps = caps
+        self.params = params
+        self.log = log
+        self.status = StatusMachine()
+        self.server: QmpServer | None = None
+        self._nursery: trio.Nursery | None = None
+        self._migration_id = 0
+        self.status.on_change(lambda new: self.emit("MIGRATION", {"status": new.value}))
+        self.registry = CommandRegistry()
+        register_common(
+            self.registry,
+            holder=self.holder,
+            caps=caps,
+            params=params,
+            status=self.status,
+            emit=self.emit,
+            idle_run_state=self.idle_run_state,
+        )
+        self.register(self.registry)
+
+    def register(self, reg: CommandRegistry) -> None:
+        """Add the daemon's own QMP commands."""
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.emit(event, data)
+
+
 def _digest_parts(guest: Any) -> dict[str, Any]:
     """Per-block and per-device digests: when two guests differ, where."""
     import xxhash

@@ -12,14 +12,13 @@ import trio
 
 from control.daemon_common import (
     MODEL_MACHINE_TYPE,
-    GuestHolder,
+    DaemonShell,
     add_common_args,
     daemon_setup,
     parse_size,
-    register_common,
     serve_daemon,
 )
-from control.params import Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.params import Capabilities, MigrationStatus, Parameters
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
 
 from .incoming import IncomingInfo, IncomingMigration, ReceivedGuest
@@ -34,7 +33,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class DestDaemon:
+class DestDaemon(DaemonShell):
+    idle_run_state = "inmigrate"
+
     def __init__(
         self,
         *,
@@ -48,37 +49,14 @@ class DestDaemon:
         self.store = store
         self.prealloc = prealloc
         self.pool: Any = None  # guest.ram.RamPool being (or already) populated
-        self.caps = caps
-        self.params = params
         self.paused = paused
-        self.log = log
-        self.holder = GuestHolder()
-        self.status = StatusMachine()
         self.info = IncomingInfo()
-        self.server: QmpServer | None = None
         self.listening: list[str] = []
         self.refused = 0
-        self._nursery: trio.Nursery | None = None
         self._busy = False
-        self._migration_id = 0
-        self.status.on_change(lambda s: self.emit("MIGRATION", {"status": s.value}))
-        self.registry = self._commands()
+        super().__init__(guest=None, caps=caps, params=params, log=log)
 
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        if self.server is not None:
-            self.server.emit(event, data)
-
-    def _commands(self) -> CommandRegistry:
-        reg = CommandRegistry()
-        register_common(
-            reg,
-            holder=self.holder,
-            caps=self.caps,
-            params=self.params,
-            status=self.status,
-            emit=self.emit,
-            idle_run_state="inmigrate",
-        )
+    def register(self, reg: CommandRegistry) -> None:
 
         @reg.command("migrate-incoming", Arg("uri", str))
         async def migrate_incoming(args: dict[str, Any]) -> None:
@@ -120,8 +98,6 @@ class DestDaemon:
         @reg.command("migrate_cancel")
         async def migrate_cancel(args: dict[str, Any]) -> None:
             raise QmpError("an incoming migration is cancelled from its source (migrate_cancel there)")
-
-        return reg
 
     async def listen(self, host: str, port: int) -> None:
         assert self._nursery is not None

@@ -10,20 +10,21 @@ import trio
 
 from control.daemon_common import (
     MODEL_MACHINE_TYPE,
-    GuestHolder,
+    DaemonShell,
     add_common_args,
     daemon_setup,
     parse_size,
-    register_common,
     serve_daemon,
 )
-from control.params import SUPPORTED_CAPABILITIES, Capabilities, MigrationStatus, Parameters, StatusMachine
+from control.params import SUPPORTED_CAPABILITIES, Capabilities, MigrationStatus, Parameters
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
 
 from .precopy import MigrationInfo, PrecopyMigration
 
 
-class SourceDaemon:
+class SourceDaemon(DaemonShell):
+    idle_run_state = "prelaunch"
+
     def __init__(
         self,
         guest: Any,
@@ -35,38 +36,12 @@ class SourceDaemon:
         vmdesc: bytes | None = None,
     ) -> None:
         self.vmdesc = vmdesc  # a stored QEMU guest's trailer, re-sent verbatim
-        self.holder = GuestHolder(guest)
         self.machine_type = machine_type
-        self.caps = caps
-        self.params = params
-        self.log = log
-        self.status = StatusMachine()
         self.info = MigrationInfo()
-        self.server: QmpServer | None = None
-        self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
-        self._migration_id = 0
-        self.status.on_change(self._status_changed)
-        self.registry = self._commands()
+        super().__init__(guest=guest, caps=caps, params=params, log=log)
 
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        if self.server is not None:
-            self.server.emit(event, data)
-
-    def _status_changed(self, new: MigrationStatus) -> None:
-        self.emit("MIGRATION", {"status": new.value})
-
-    def _commands(self) -> CommandRegistry:
-        reg = CommandRegistry()
-        register_common(
-            reg,
-            holder=self.holder,
-            caps=self.caps,
-            params=self.params,
-            status=self.status,
-            emit=self.emit,
-            idle_run_state="prelaunch",
-        )
+    def register(self, reg: CommandRegistry) -> None:
 
         @reg.command(
             "migrate",
@@ -97,8 +72,6 @@ class SourceDaemon:
         @reg.command("query-migrate")
         async def query_migrate(args: dict[str, Any]) -> dict[str, Any]:
             return self.query_migrate()
-
-        return reg
 
     def query_migrate(self) -> dict[str, Any]:
         st = self.status.status
