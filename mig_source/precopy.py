@@ -390,9 +390,18 @@ class PrecopyMigration:
             with trio.CancelScope(shield=True):
                 await self._restore_guest(completed)
 
+    def _release_throttle(self) -> None:
+        """Before a final status is visible: a client that sees it sees no throttle either."""
+        self.info.cpu_throttle = 0
+        try:
+            self.guest.set_throttle(0)
+        except Exception as err:  # a crashed vCPU must not hide the migration's own outcome
+            self.log.error("could not release the CPU throttle", error=str(err))
+
     def _fail(self, desc: str) -> None:
         self.info.error_desc = desc
         self.log.error("migration failed", error=desc)
+        self._release_throttle()
         if self.status.status is not MigrationStatus.FAILED:
             self.status.to(MigrationStatus.FAILED)
 
@@ -401,8 +410,7 @@ class PrecopyMigration:
             await trio.to_thread.run_sync(self.guest.stop_dirty_log)
         except Exception as err:  # the guest's own error must not hide the migration's
             self.log.error("could not stop dirty logging", error=str(err))
-        self.guest.set_throttle(0)
-        self.info.cpu_throttle = 0
+        self._release_throttle()  # (cancelled: nothing released it yet)
         if not completed and self.stopped_guest and self.was_running:
             await trio.to_thread.run_sync(self.guest.start)
             self.log.info("source guest resumed after unsuccessful migration")
@@ -608,6 +616,7 @@ class PrecopyMigration:
             await stream.send_eof()
         info.downtime_ms = int((time.monotonic() - down_start) * 1000)
         self.guest.set_run_state("postmigrate")  # it runs on the destination from now on
+        self._release_throttle()
         self.status.to(MigrationStatus.COMPLETED)
         self.log.info(
             "migration completed",
