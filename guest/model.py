@@ -19,11 +19,23 @@ Destination side::
     ... write pages into g.blocks[name].pages ...
     for s in sections: g.load_device(s.idstr, s.instance_id, s.version_id, s.body)
     if g.received_global_state == "running": g.start()   # continues the workload where it was
+
+Postcopy destination (pages keep arriving after the guest runs; see :meth:`Guest.arm_postcopy`)::
+
+    ... precopy pages, then the device sections (the "cpu" one creates the workload state) ...
+    block = g.postcopy_block()
+    received[block] = g.arm_postcopy(received[block])   # the shared present map, from now on
+    g.start()
+    # a trio task: await wait_readable(g.fault_fileno()); pages = g.read_faults(); request them
+    # placing a page: write its bytes, THEN received[block][i] = True, then g.wake_vcpu()
+    g.disarm_postcopy()                                  # every page arrived
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -45,7 +57,7 @@ from .devices import (
 )
 from .dirty import DirtyLog
 from .ram import Fill, FillKind, RamBlock, RamPool
-from .shared import H_RNG_POS, H_RNG_SEED, H_WRITES, SharedState
+from .shared import H_POSTCOPY, H_RNG_POS, H_RNG_SEED, H_WRITES, SharedState
 from .vcpu import VcpuCrashed, VcpuProcess
 from .workload import WorkloadPlan, WorkloadSpec, parse_workload
 
@@ -89,6 +101,9 @@ class Guest:
         self._logging = False
         self._vcpu: VcpuProcess | None = None
         self._vcpu_config: tuple[str, WorkloadPlan] | None = None
+        # postcopy fault channel, made at the first configure: (daemon end, vCPU end)
+        self._fault_pair: tuple[socket.socket, socket.socket] | None = None
+        self._fault_lock = threading.Lock()  # fault socket I/O and close, apart from the main lock
         self._throttle = 0
         self._clock_ns = 0  # the guest clock while stopped
         self._clock_base: int | None = None  # monotonic_ns() - clock, while running
@@ -289,15 +304,27 @@ class Guest:
         config = (self._shared_block, plan)
         if self._vcpu_config != config:
             ram = self.blocks[self._shared_block]
+            _daemon_end, vcpu_end = self._fault_channel()
             vcpu.request(
                 "configure",
-                fds=[ram.fd, self._shared.fd],
+                fds=[ram.fd, self._shared.fd, vcpu_end.fileno()],
                 plan=plan.to_json(),
                 block={"name": ram.name, "size": ram.size, "max_size": ram.max_size},
             )
             vcpu.request("throttle", pct=self._throttle)
             self._vcpu_config = config
         return vcpu
+
+    def _fault_channel(self) -> tuple[socket.socket, socket.socket]:
+        """The fault socketpair, made once per guest; every configure hands the vCPU its end."""
+        with self._fault_lock:
+            if self._fault_pair is None:
+                self._check_open()
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                ours.setblocking(False)  # read_faults and wake_vcpu never block the daemon
+                self._fault_pair = (ours, theirs)
+                self._vcpu_config = None  # a vCPU configured before has no fault socket
+            return self._fault_pair
 
     def _crashed(self, e: VcpuCrashed) -> VcpuCrashed:
         self._run_state = "crashed"
@@ -535,6 +562,110 @@ class Guest:
         with self._lock:
             self.devices.add_opaque(state)
 
+    # ------------------------------------------------------------------ postcopy faults
+
+    def postcopy_block(self) -> str | None:
+        """The block postcopy faults can occur in: the workload's (the only one the vCPU
+        touches), or None when there is no workload state."""
+        return self._shared_block
+
+    def arm_postcopy(self, received: np.ndarray) -> np.ndarray:
+        """Run the vCPU with postcopy faults, like userfaultfd: a batch that touches a page not
+        present blocks that vCPU until the daemon places the page and calls :meth:`wake_vcpu`.
+
+        ``received`` (a bool per page of :meth:`postcopy_block`) is copied into the shared present
+        map; fault statistics are reset and stale fault messages dropped. Returns a bool view of
+        that shared map, which the daemon must use as its received map of the block from then on.
+
+        Ordering: a page becomes visible to the vCPU when its present byte is set, and the vCPU
+        may write it at once; so write the page's contents first, then set the byte (never clear
+        one while armed, and never write a page again once it is present).
+
+        Needs the workload state (after the "cpu" device was loaded on a destination) and a
+        stopped guest; raises GuestStateError otherwise or if ``received`` has the wrong size.
+        """
+        with self._lock:
+            self._check_not_crashed()
+            s = self._shared
+            if s is None or self._shared_block is None:
+                raise GuestStateError("no workload block: load the cpu device before arming postcopy")
+            if self._run_state == "running":
+                raise GuestStateError("arm_postcopy needs a stopped guest")
+            rec = np.asarray(received)
+            if rec.shape != (s.n_pages,):
+                raise GuestStateError(
+                    f"received map has shape {rec.shape}, block {self._shared_block!r} has {s.n_pages} pages"
+                )
+            self._fault_channel()
+            s.present[:] = rec != 0
+            s.reset_faults()
+            self.read_faults()  # requests from an earlier arming are stale
+            s.set(H_POSTCOPY, 1)
+            return s.present.view(np.bool_)
+
+    def disarm_postcopy(self) -> None:
+        """End postcopy (every page is present): the vCPU ignores the present map and any vCPU
+        blocked on a fault resumes. Idempotent."""
+        with self._lock:
+            if self._shared is not None:
+                self._shared.set(H_POSTCOPY, 0)
+        self.wake_vcpu()
+
+    @property
+    def postcopy_armed(self) -> bool:
+        s = self._shared
+        return s is not None and bool(s.get(H_POSTCOPY))
+
+    def fault_fileno(self) -> int | None:
+        """The daemon's end of the fault socket (non-blocking), readable when the vCPU faulted:
+        for ``trio.lowlevel.wait_readable``. None before the channel exists (it is made by
+        arm_postcopy or the vCPU's configuration). Call ``trio.lowlevel.notify_closing`` on it
+        (or cancel the waiter) before :meth:`close`."""
+        pair = self._fault_pair
+        return None if pair is None else pair[0].fileno()
+
+    def read_faults(self) -> np.ndarray:
+        """Page indexes (intp, unique, sorted) of every pending fault message; never blocks.
+
+        Empty when there is none. A page may be asked again (the vCPU resends after a second
+        without a wake): requesting it twice is harmless.
+        """
+        parts: list[np.ndarray] = []
+        with self._fault_lock:
+            pair = self._fault_pair
+            while pair is not None:
+                try:
+                    data = pair[0].recv(1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:
+                    break
+                parts.append(np.frombuffer(data[: len(data) // 4 * 4], dtype="<u4"))
+        if not parts:
+            return np.empty(0, dtype=np.intp)
+        pages = np.unique(np.concatenate(parts)).astype(np.intp)
+        s = self._shared
+        n = 0 if s is None else s.n_pages
+        return pages[pages < n]  # never trust an index beyond the block
+
+    def wake_vcpu(self) -> None:
+        """Tell a vCPU blocked on a fault to look at the present map again (after placing pages).
+        Cheap and never blocks: a full socket means a wake is already pending."""
+        with self._fault_lock:
+            if self._fault_pair is None:
+                return
+            with contextlib.suppress(BlockingIOError):
+                self._fault_pair[0].send(b"\x01")
+
+    def fault_stats(self) -> dict[str, Any]:
+        """``{"faults", "blocked-ns", "p50-us", "p99-us", "max-us"}`` since the last arming:
+        resolved faults, total blocked time and per-fault percentiles over the last FAULT_RING
+        faults (zeros when there was none)."""
+        with self._lock:
+            if self._shared is None:
+                return {"faults": 0, "blocked-ns": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
+            return self._shared.fault_stats()
+
     # ------------------------------------------------------------------ whole-guest reads
 
     def generations(self, block: str) -> np.ndarray | None:
@@ -620,6 +751,11 @@ class Guest:
             self._closed = True
             if self._vcpu is not None:
                 self._vcpu.close()
+            with self._fault_lock:
+                if self._fault_pair is not None:
+                    for sock in self._fault_pair:
+                        sock.close()
+                    self._fault_pair = None
             self._drop_shared()
             for b in self.blocks.values():
                 b.close()

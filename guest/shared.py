@@ -6,12 +6,23 @@ Layout (all little-endian, native to both processes)::
     4096    generation table: uint32 per page of the workload's block (0 = never written)
     ...     dirty bitmap 0: uint8 per page (1 = written since the last sync)
     ...     dirty bitmap 1: the other half of the double buffer
+    ...     present: uint8 per page (1 = the page has arrived here; postcopy only)
+    ...     fault ring: FAULT_RING uint64, the blocked time (ns) of fault i at entry i % FAULT_RING
+
+Each area starts on a 4096-byte boundary.
 
 Ownership: the vCPU process writes page contents, generations, WRITES and RNG_POS, and sets
 bytes in bitmap ``ACTIVE``. The daemon writes ACTIVE and LOGGING, clears the inactive bitmap, and
 rewrites counters and generations only while the vCPU is stopped (e.g. loading migrated state).
 The vCPU reads ACTIVE and LOGGING once per batch of page writes; see :mod:`guest.dirty` for why
 that makes the log race-free.
+
+Postcopy (see :meth:`guest.model.Guest.arm_postcopy`): the daemon sets ``present`` bytes (only
+ever 0 -> 1, each after the page's contents are in place) and POSTCOPY; the vCPU only reads them.
+While POSTCOPY is 1 the vCPU writes a batch only once every page of it is present, and then
+records the time it was blocked: ring entry first, then FAULT_NS and FAULT_MAX_NS, then FAULTS,
+so a reader never counts an entry not yet written. The daemon resets the fault words only while
+the vCPU is stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +44,12 @@ H_LOGGING = 3  # 1: the vCPU marks pages it writes
 H_WRITES = 4  # total pages written by the workload since the guest was created
 H_RNG_POS = 5  # position in the workload's counter-based page stream
 H_RNG_SEED = 6  # seed of that stream
+H_POSTCOPY = 7  # 1: the vCPU must find every page of a batch present before writing it
+H_FAULTS = 8  # postcopy faults resolved (batches that had to wait for pages)
+H_FAULT_NS = 9  # total time the vCPU was blocked on those faults
+H_FAULT_MAX_NS = 10  # longest single fault
+
+FAULT_RING = 65536  # per-fault blocked times kept for percentiles (the last ones)
 
 
 def _round(n: int) -> int:
@@ -40,7 +57,8 @@ def _round(n: int) -> int:
 
 
 class SharedState:
-    """Header, generation table and double-buffered dirty bitmap of one RAM block."""
+    """Header, generation table, double-buffered dirty bitmap, postcopy present map and fault
+    ring of one RAM block."""
 
     def __init__(self, n_pages: int, *, fd: int | None = None) -> None:
         if n_pages <= 0:
@@ -49,7 +67,9 @@ class SharedState:
         gen_off = _ALIGN
         bm_off = gen_off + _round(4 * n_pages)
         bm_len = _round(n_pages)
-        size = bm_off + 2 * bm_len
+        present_off = bm_off + 2 * bm_len
+        ring_off = present_off + bm_len
+        size = ring_off + 8 * FAULT_RING
         created = fd is None
         if fd is None:
             fd = os.memfd_create("guest:vcpu-state", os.MFD_CLOEXEC)
@@ -65,7 +85,9 @@ class SharedState:
         buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.header: np.ndarray = buf[: 8 * HEADER_WORDS].view(np.uint64)
         self.generations: np.ndarray = buf[gen_off : gen_off + 4 * n_pages].view(np.uint32)
-        self.bitmaps: np.ndarray = buf[bm_off:].reshape(2, bm_len)[:, :n_pages]
+        self.bitmaps: np.ndarray = buf[bm_off:present_off].reshape(2, bm_len)[:, :n_pages]
+        self.present: np.ndarray = buf[present_off : present_off + n_pages]
+        self.fault_ring: np.ndarray = buf[ring_off:].view(np.uint64)
         if created:
             self.header[H_MAGIC] = STATE_MAGIC
             self.header[H_NPAGES] = n_pages
@@ -84,12 +106,44 @@ class SharedState:
     def set(self, index: int, value: int) -> None:
         self.header[index] = value
 
+    def record_fault(self, blocked_ns: int) -> None:
+        """vCPU side: one resolved fault (ring entry before the count, see the module doc)."""
+        h = self.header
+        n = int(h[H_FAULTS])
+        self.fault_ring[n % FAULT_RING] = blocked_ns
+        h[H_FAULT_NS] += np.uint64(blocked_ns)
+        if blocked_ns > int(h[H_FAULT_MAX_NS]):
+            h[H_FAULT_MAX_NS] = blocked_ns
+        h[H_FAULTS] = n + 1
+
+    def reset_faults(self) -> None:
+        """Daemon side, vCPU stopped: forget the fault statistics."""
+        for i in (H_FAULTS, H_FAULT_NS, H_FAULT_MAX_NS):
+            self.header[i] = 0
+
+    def fault_stats(self) -> dict[str, int | float]:
+        """Count, total and percentiles (µs) of the blocked times; zeros when no fault."""
+        n = int(self.header[H_FAULTS])
+        total = int(self.header[H_FAULT_NS])
+        worst = int(self.header[H_FAULT_MAX_NS])
+        if n == 0:
+            return {"faults": 0, "blocked-ns": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
+        times = self.fault_ring[: min(n, FAULT_RING)].astype(np.float64)
+        p50, p99 = np.percentile(times, [50, 99]) / 1000.0
+        return {
+            "faults": n,
+            "blocked-ns": total,
+            "p50-us": round(float(p50), 3),
+            "p99-us": round(float(p99), 3),
+            "max-us": round(worst / 1000.0, 3),
+        }
+
     def close(self) -> None:
         m, self._mmap = self._mmap, None
         if m is None:
             return
         empty = np.empty(0, np.uint8)
-        self.header = self.generations = empty
+        self.header = self.generations = self.present = self.fault_ring = empty
         self.bitmaps = empty.reshape(2, 0)
         with contextlib.suppress(BufferError):  # a view still alive: unmapped when it is gone
             m.close()

@@ -6,13 +6,22 @@ process it leaves the migration a whole core, and shares guest RAM through memfd
 Started with ``python -m guest.vcpu --ctl FD`` (not multiprocessing: the daemon runs trio and
 must not fork). It is spawned early, before the RAM it will write is known, so that its ~0.15 s
 of interpreter and numpy start-up never lands in a migration's downtime; ``configure`` later
-hands it the block's memfd and the shared-state memfd over the control socket (SCM_RIGHTS).
+hands it the block's memfd, the shared-state memfd and its end of the fault socket over the
+control socket (SCM_RIGHTS).
 
 Control protocol: an AF_UNIX SOCK_SEQPACKET socketpair, one JSON object per message, strictly
 request/reply. The child answers only between two batches of page writes (see
 :mod:`guest.dirty`), so a ``pause`` reply means no write is in flight, and a ``fence`` reply
 means every batch started before the request has completed. Every parent call has a timeout;
 a child that dies or stops answering is killed and reported as :class:`VcpuCrashed`.
+
+Postcopy faults (like userfaultfd): while the shared header's POSTCOPY word is 1, a batch whose
+pages are not all ``present`` is not written. The vCPU sends the missing page indexes on a second
+SOCK_SEQPACKET socket (one message: little-endian uint32, unique, sorted) and waits for a wake
+byte ("pages were placed, look again"), resending after FAULT_RESEND seconds of silence. While it
+waits it still serves the control socket: no write is in flight, so every reply keeps the
+"between two batches" guarantee; a pause or quit abandons the batch (it is recomputed from
+RNG_POS when the vCPU runs again).
 """
 
 from __future__ import annotations
@@ -36,13 +45,15 @@ import numpy as np
 
 from .check import block_salt
 from .ram import RamBlock
-from .shared import H_WRITES, SharedState
-from .workload import WorkloadPlan, write_batch
+from .shared import H_POSTCOPY, H_WRITES, SharedState
+from .workload import WorkloadPlan, missing_pages, next_pages, write_batch
 
 THROTTLE_SLICE = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS: run 10 ms, then sleep pct/(100-pct) of it
 MAX_BATCH = 1024  # bounds how long a fence or pause waits for the batch in flight (~1 ms)
 FULL_SPEED_BATCH = 256
 _MSG_MAX = 1 << 16
+FAULT_RESEND = 1.0  # s without a wake before the fault message is sent again (duplicates are harmless)
+_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class VcpuError(RuntimeError):
@@ -216,7 +227,9 @@ class _Child:
     def __init__(self, ctl: socket.socket) -> None:
         self.ctl = ctl
         self.poller = select.poll()
-        self.poller.register(ctl, select.POLLIN | select.POLLHUP | select.POLLERR)
+        self.poller.register(ctl, _POLL_IN)
+        self.fault: socket.socket | None = None  # to the daemon: fault messages out, wakes in
+        self.fault_poller: select.poll | None = None  # ctl and fault: served while blocked
         self.ram: RamBlock | None = None
         self.shared: SharedState | None = None
         self.plan: WorkloadPlan | None = None
@@ -231,6 +244,8 @@ class _Child:
         self.run_seconds = 0.0
         self.throttle_seconds = 0.0
         self.quit = False
+        self.faults = 0
+        self.fault_messages = 0
 
     # -------------------------------------------------------------- messages
 
@@ -293,20 +308,26 @@ class _Child:
         raise ValueError(f"unknown op {op!r}")
 
     def configure(self, msg: dict, fds: list[int]) -> dict:
-        """Map the workload's block and the shared state (fds via SCM_RIGHTS); only while paused."""
+        """Map the workload's block and the shared state, take the fault socket (fds via
+        SCM_RIGHTS: block, shared state, fault socket); only while paused."""
         owned = list(fds)
         ram: RamBlock | None = None
         try:
             if self.running:
                 raise ValueError("configure while running")
-            if len(fds) != 2:
-                raise ValueError(f"configure needs 2 fds, got {len(fds)}")
+            if len(fds) != 3:
+                raise ValueError(f"configure needs 3 fds, got {len(fds)}")
             plan = WorkloadPlan.from_json(msg["plan"])
             b = msg["block"]
             ram = RamBlock.attach(b["name"], fds[0], b["size"], max_size=b["max_size"])
             owned.remove(fds[0])
             shared = SharedState(ram.n_pages, fd=fds[1])
             owned.remove(fds[1])
+            fault = socket.socket(fileno=fds[2])
+            owned.remove(fds[2])
+            if fault.type != socket.SOCK_SEQPACKET:
+                fault.close()
+                raise ValueError("the fault fd is not a SOCK_SEQPACKET socket")
         except BaseException:
             if ram is not None:
                 ram.close()
@@ -314,7 +335,11 @@ class _Child:
                 os.close(fd)
             raise
         self.close_maps()
-        self.ram, self.shared, self.plan = ram, shared, plan
+        fault.setblocking(False)  # a daemon that stops reading must not stop us answering it
+        self.ram, self.shared, self.plan, self.fault = ram, shared, plan, fault
+        self.fault_poller = select.poll()
+        self.fault_poller.register(self.ctl, _POLL_IN)
+        self.fault_poller.register(fault, _POLL_IN)
         self.salt = block_salt(ram.name)
         return {}
 
@@ -326,6 +351,8 @@ class _Child:
             "throttle-seconds": round(self.throttle_seconds, 6),
             "throttle-pct": self.throttle,
             "running": self.running,
+            "faults": self.faults,
+            "fault-messages": self.fault_messages,
         }
 
     # -------------------------------------------------------------- main loop
@@ -370,6 +397,8 @@ class _Child:
             self.credit = min(self.credit + plan.rate * dt, max(plan.rate * 0.05, 2.0 * min_batch))
             k = min(int(self.credit), MAX_BATCH)
         if k >= min_batch:
+            if self.shared.header[H_POSTCOPY] and not self.await_pages(next_pages(self.shared, plan, k)):
+                return  # paused or quitting while blocked: the batch was not written
             write_batch(self.ram.words, self.shared, plan, self.salt, k)
             self.batches += 1
             if plan.rate is not None:
@@ -388,12 +417,77 @@ class _Child:
             self.sleep_until = start + THROTTLE_SLICE * self.throttle / (100 - self.throttle)
             self.slice_run = 0.0
 
+    # -------------------------------------------------------------- postcopy faults
+
+    def await_pages(self, pages: np.ndarray) -> bool:
+        """Block until every page of ``pages`` is present (True), serving control messages;
+        False if the vCPU was paused or told to quit meanwhile (nothing written)."""
+        shared = self.shared
+        assert shared is not None
+        missing = missing_pages(shared, pages)
+        if not len(missing):
+            return True
+        t0 = time.monotonic_ns()
+        self.send_fault(missing)
+        deadline = time.monotonic() + FAULT_RESEND
+        while True:
+            poller = self.fault_poller if self.fault is not None else self.poller
+            assert poller is not None
+            events = poller.poll(max(0.0, deadline - time.monotonic()) * 1000.0)
+            for fd, _ev in events:
+                if fd == self.ctl.fileno():
+                    self.receive()
+                    if self.quit or not self.running:
+                        return False
+                elif self.fault is not None and fd == self.fault.fileno():
+                    self.drain_wakes()
+            if not shared.header[H_POSTCOPY]:
+                missing = missing[:0]  # disarmed: everything is present
+            else:
+                missing = missing[shared.present[missing] == 0]
+            if not len(missing):
+                shared.record_fault(time.monotonic_ns() - t0)
+                self.faults += 1
+                return True
+            if time.monotonic() >= deadline:
+                self.send_fault(missing)  # a lost or ignored request: ask again
+                deadline = time.monotonic() + FAULT_RESEND
+
+    def send_fault(self, missing: np.ndarray) -> None:
+        if self.fault is None:
+            return
+        try:
+            self.fault.send(missing.astype("<u4").tobytes())
+            self.fault_messages += 1
+        except (BlockingIOError, ConnectionError):
+            pass  # the daemon is behind (or gone): the resend timer retries
+
+    def drain_wakes(self) -> None:
+        """Consume every pending wake byte: one look at ``present`` answers them all."""
+        assert self.fault is not None
+        while True:
+            try:
+                data = self.fault.recv(64)
+            except BlockingIOError:
+                return
+            except ConnectionError:
+                data = b""
+            if not data:  # the daemon's end is closed: no wake will ever come again
+                self.drop_fault()
+                return
+
+    def drop_fault(self) -> None:
+        if self.fault is not None:
+            self.fault.close()
+        self.fault = self.fault_poller = None
+
     def close_maps(self) -> None:
         if self.ram is not None:
             self.ram.close()
         if self.shared is not None:
             self.shared.close()
         self.ram = self.shared = None
+        self.drop_fault()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .check import splitmix64, write_pages
 from .ram import PAGE_SIZE
-from .shared import H_ACTIVE, H_LOGGING, H_RNG_POS, H_WRITES, SharedState
+from .shared import H_ACTIVE, H_LOGGING, H_POSTCOPY, H_RNG_POS, H_WRITES, SharedState
 
 PATTERNS = ("none", "uniform", "hotset", "sweep")
 DEFAULT_HOTSET = 64 << 20
@@ -227,17 +227,38 @@ class WorkloadPlan:
         return (rel + np.uint64(self.first_page)).astype(np.intp)
 
 
+def next_pages(shared: SharedState, plan: WorkloadPlan, k: int) -> np.ndarray:
+    """The pages the next batch of ``k`` writes will touch (RNG_POS is not advanced)."""
+    return plan.pages(int(shared.header[H_RNG_POS]), k)
+
+
+def missing_pages(shared: SharedState, pages: np.ndarray) -> np.ndarray:
+    """Postcopy: the pages of ``pages`` not present yet (unique, sorted); empty when not armed."""
+    if not shared.header[H_POSTCOPY]:
+        return pages[:0]
+    return np.unique(pages[shared.present[pages] == 0])
+
+
+class PageNotPresent(RuntimeError):
+    """The vCPU was about to write a page that has not arrived: a bug, never data corruption."""
+
+
 def write_batch(words: np.ndarray, shared: SharedState, plan: WorkloadPlan, salt: np.uint64, k: int) -> None:
     """Write the next ``k`` pages of the stream: contents, then generations, then dirty bits.
 
     ACTIVE and LOGGING are read once, first (see :mod:`guest.dirty`); duplicates within a batch
-    get the same new generation, so the page and the table agree.
+    get the same new generation, so the page and the table agree. In postcopy the caller first
+    waits until every page is present; a missing one raises rather than overwrite a page the
+    daemon has yet to place (which would lose either write).
     """
     h = shared.header
     active = int(h[H_ACTIVE])
     logging = bool(h[H_LOGGING])
     pos = int(h[H_RNG_POS])
     pages = plan.pages(pos, k)
+    if h[H_POSTCOPY] and not shared.present[pages].all():
+        missing = np.unique(pages[shared.present[pages] == 0])
+        raise PageNotPresent(f"batch at stream position {pos} would write {len(missing)} absent pages")
     gens = shared.generations[pages] + np.uint32(1)
     gens[gens == 0] = 1  # after 2^32 writes of one page, skip 0 (reserved: "initial fill")
     write_pages(words, pages, gens, salt)
