@@ -98,7 +98,9 @@ CAPABILITIES = (
     "postcopy-preempt",
 )
 # what this implementation can actually do; setting any other capability is refused clearly
-SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "auto-converge", "xbzrle", "postcopy-ram"})
+SUPPORTED_CAPABILITIES = frozenset(
+    {"events", "return-path", "auto-converge", "xbzrle", "postcopy-ram", "postcopy-blocktime"}
+)
 
 
 @dataclass
@@ -122,6 +124,9 @@ class Parameters:
     x_max_throttled_passes: int = 10
     # seconds to wait for the destination's SHUT after the last byte
     x_completion_timeout: int = 30
+    # with postcopy-ram: switch to postcopy by itself after this many passes that did not
+    # converge (0: only on migrate-start-postcopy)
+    x_postcopy_after_passes: int = 5
 
     @classmethod
     def names(cls) -> list[str]:

@@ -52,8 +52,10 @@ class DestDaemon(DaemonShell):
         self.paused = paused
         self.info = IncomingInfo()
         self.listening: list[str] = []
+        self.recover_listening: list[str] = []
         self.refused = 0
         self._busy = False
+        self._current: IncomingMigration | None = None
         super().__init__(guest=None, caps=caps, params=params, log=log)
 
     def register(self, reg: CommandRegistry) -> None:
@@ -78,13 +80,19 @@ class DestDaemon(DaemonShell):
                     "total-time": self.info.total_time_ms(),
                     "ram": self.info.stats.to_qmp(),
                 }
-                if st is MigrationStatus.FAILED and self.info.error_desc:
+                if st in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and self.info.error_desc:
                     out["error-desc"] = self.info.error_desc
+                out.update(self._blocktime())
                 if self.info.stored_image:
                     out["x-stored-image"] = self.info.stored_image
                 if self.info.postcopy_state is not None:
                     out["x-postcopy-state"] = self.info.postcopy_state
                     out["x-postcopy-requests"] = self.info.postcopy_requests
+            if self.recover_listening:
+                out["x-recover-address"] = [
+                    {"type": "inet", "host": h, "port": p}
+                    for h, _, p in (a.rpartition(":") for a in self.recover_listening)
+                ]
             if self.listening:
                 out["socket-address"] = [
                     {"type": "inet", "host": h, "port": p}
@@ -95,9 +103,65 @@ class DestDaemon(DaemonShell):
                 out["x-prealloc"] = {"size": self.prealloc, "ready": bool(self.pool and self.pool.ready)}
             return out
 
+        @reg.command("migrate-recover", Arg("uri", str))
+        async def migrate_recover(args: dict[str, Any]) -> None:
+            mig = self._current
+            if mig is None or not mig.paused:
+                raise QmpError("Migrate recover can only be run when postcopy is paused.")
+            try:
+                host, port = parse_listen(args["uri"])
+            except ValueError as err:
+                raise QmpError(str(err)) from None
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as err:
+                raise QmpError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+            self.recover_listening = ["{}:{}".format(*lst.socket.getsockname()[:2]) for lst in listeners]
+            assert self._nursery is not None
+            self._nursery.start_soon(self._accept_recovery, listeners, mig)
+            self.log.info("postcopy recovery: listening", addresses=self.recover_listening)
+
         @reg.command("migrate_cancel")
         async def migrate_cancel(args: dict[str, Any]) -> None:
             raise QmpError("an incoming migration is cancelled from its source (migrate_cancel there)")
+
+    def _blocktime(self) -> dict[str, Any]:
+        """QEMU's postcopy-blocktime (total ms) and postcopy-vcpu-blocktime (ms per vCPU), from
+        the running guest's faults, plus the per-fault latency percentiles."""
+        mig = self._current
+        faults = self.info.postcopy_faults
+        if faults is None and mig is not None and mig._fault_task and mig.guest is not None:
+            faults = mig.guest.fault_stats()
+        if faults is None:
+            return {}
+        total_ms = faults["blocked-ns"] // 1_000_000
+        return {
+            "postcopy-blocktime": total_ms,
+            "postcopy-vcpu-blocktime": [total_ms],
+            "x-postcopy-faults": faults,
+        }
+
+    async def _accept_recovery(self, listeners: list[trio.SocketListener], mig: IncomingMigration) -> None:
+        """The first connection to the migrate-recover address resumes the paused migration."""
+        try:
+            async with trio.open_nursery() as nursery:
+                got: list[trio.SocketStream] = []
+
+                async def accept(lst: trio.SocketListener) -> None:
+                    stream = await lst.accept()
+                    got.append(stream)
+                    nursery.cancel_scope.cancel()
+
+                for lst in listeners:
+                    nursery.start_soon(accept, lst)
+        finally:
+            for lst in listeners:
+                await lst.aclose()
+            self.recover_listening = []
+        for stream in got:
+            if not mig.recover(stream):
+                self.log.error("postcopy recovery: connection not wanted any more")
+                await stream.aclose()
 
     async def listen(self, host: str, port: int) -> None:
         assert self._nursery is not None
@@ -167,14 +231,21 @@ class DestDaemon(DaemonShell):
             log=log,
             model_machine_type=MODEL_MACHINE_TYPE,
             on_received=lambda received: self._adopt(received, log),
+            paused_start=self.paused,
+            on_run=self._postcopy_guest,
         )
+        self._current = migration
         try:
             async with stream:
                 await migration.run(stream)
         finally:
             self._busy = False
+            self._current = None
         if self.holder.guest is None and self._nursery is not None:
             self._nursery.start_soon(self._refill_pool)  # the failed attempt used the pool
+
+    def _postcopy_guest(self, guest: Any) -> None:
+        self.holder.guest = guest
 
     async def _adopt(self, received: ReceivedGuest, log: Any) -> None:
         guest = received.guest
@@ -189,6 +260,9 @@ class DestDaemon(DaemonShell):
             # execute x86 code; it stays paused (to be stored, checked, or migrated on)
             guest.set_run_state("paused")
             log.info("QEMU guest received; kept paused", machine_type=received.machine_type)
+            return
+        if guest.run_state == "running":
+            log.info("guest running on the destination since POSTCOPY_RUN")
             return
         # QEMU: run if the source ran and no -S; else paused, or the source's stopped state
         if received.run_state == "running" and not self.paused:

@@ -39,11 +39,15 @@ from protocol.events import (
     PostcopyAdvise,
     PostcopyListen,
     PostcopyRamDiscard,
+    PostcopyResume,
     PostcopyRun,
     RamBlockList,
     RamEos,
     RamHook,
+    RecvBitmapRequest,
     RpPong,
+    RpRecvBitmap,
+    RpResumeAck,
     RpShut,
     SectionEnd,
     SectionFooter,
@@ -54,7 +58,7 @@ from protocol.events import (
     XbzrlePage,
     ZeroPages,
 )
-from protocol.return_path import encode_rp
+from protocol.return_path import encode_rp, recv_bitmap_size
 from protocol.xbzrle import decode_xbzrle
 
 from .postcopy import PostcopyState, PostcopyStateError, PostcopyStateMachine, ReceivedMap
@@ -64,10 +68,21 @@ RECV_SIZE = 1 << 20  # per recv_into: a page run's worth, applied while still in
 # postcopy: page requests outstanding at most (sent in batches as the pages arrive)
 MAX_OUTSTANDING_REQUESTS = 256
 REQUEST_POLL = 0.05  # s: the requester looks again at least this often
+# postcopy with a running guest: read less per wake-up and keep less queued in the kernel, so a
+# faulting vCPU's page is never behind megabytes of background pages
+POSTCOPY_RECV_SIZE = 256 << 10
+POSTCOPY_RCVBUF = 256 << 10
 
 
 class IncomingError(Exception):
     """The incoming migration cannot go on (becomes error-desc)."""
+
+
+class LinkLost(IncomingError):
+    """The connection to the source broke (in postcopy: pause, do not fail)."""
+
+
+LINK_ERRORS = (LinkLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 @dataclass
@@ -81,6 +96,7 @@ class IncomingInfo:
     stored_image: str | None = None
     postcopy_state: str | None = None  # set once POSTCOPY_ADVISE arrived
     postcopy_requests: int = 0  # pages requested over the return path
+    postcopy_faults: dict[str, Any] | None = None  # the running guest's fault statistics
 
     def total_time_ms(self) -> int:
         end = self.end_time if self.end_time is not None else time.monotonic()
@@ -114,7 +130,15 @@ class IncomingMigration:
         log: Any,
         model_machine_type: str,
         on_received: Callable[[ReceivedGuest], Awaitable[None]] | None = None,
+        paused_start: bool = False,
+        on_run: Callable[[Any], None] | None = None,
     ) -> None:
+        """``paused_start``: the guest is not to run here until ``cont`` (like QEMU's -S); in
+        postcopy it then receives every page before it runs."""
+        self.paused_start = paused_start
+        # postcopy: the guest runs here before the migration completes; the daemon shows it
+        # (query-status, stop, cont) from RUN on, and forgets it (None) if it is dropped
+        self.on_run = on_run
         self.model_machine_type = model_machine_type
         self.on_received = on_received
         self.guest_factory = guest_factory
@@ -141,20 +165,28 @@ class IncomingMigration:
         self.received_map: ReceivedMap | None = None  # only with postcopy-ram on here
         self._rp_lock = trio.Lock()  # RP writes come from the receive loop and the requester
         self._arrived = trio.Event()  # pages arrived while postcopy runs: wakes the requester
+        self._stream: trio.SocketStream | None = None  # the current connection
+        self.rp_connected = True  # False while postcopy is paused: requests wait for recovery
+        self._recovery: Any = None  # (send, receive) channel of the recovery connection
+        self._recovered_any = False
+        self._recv_size = RECV_SIZE
+        self._fault_task = False  # a running guest's faults are served (native guest, postcopy)
+        self._awaited: np.ndarray | None = None  # faulted pages not placed yet
 
     async def run(self, stream: trio.SocketStream) -> ReceivedGuest | None:
         """Receive the whole stream; returns the guest on success, None on failure."""
         self.status.to(MigrationStatus.SETUP)
         self.info.start_time = time.monotonic()
+        self._stream = stream
         try:
             try:
                 await self._receive(stream)
-            except BaseExceptionGroup as group:  # from the requester's nursery
+            except BaseExceptionGroup as group:  # from the postcopy tasks' nursery
                 if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                     raise group.exceptions[0] from None
                 raise
             if self.rp_open:
-                await stream.send_all(encode_rp(RpShut(0)))
+                await self._stream.send_all(encode_rp(RpShut(0)))
             self.info.end_time = time.monotonic()
             guest, self.guest = self.guest, None
             received = ReceivedGuest(
@@ -169,17 +201,23 @@ class IncomingMigration:
                 "incoming migration completed",
                 total_time_ms=self.info.total_time_ms(),
                 transferred=self.info.stats.transferred,
+                postcopy_requests=self.info.postcopy_requests,
             )
             return received
         except (ProtocolError, IncomingError, PostcopyStateError) as err:
-            await self._fail(stream, str(err))
+            await self._fail(self._stream, str(err))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
-            await self._fail(stream, f"connection from the source failed: {err}")
+            await self._fail(self._stream, f"connection from the source failed: {err}")
         except Exception as err:  # a bug of ours must fail this migration, not the daemon
             self.log.exception("internal error during incoming migration")
-            await self._fail(stream, f"internal error: {type(err).__name__}: {err}")
+            await self._fail(self._stream, f"internal error: {type(err).__name__}: {err}")
         finally:
+            if self._stream is not stream:  # a recovery connection: ours to close
+                with _ignore_io():
+                    await self._stream.aclose()
             if self.guest is not None:  # never completed: drop the half-built guest
+                if self.on_run is not None and self._fault_task:
+                    self.on_run(None)
                 await trio.to_thread.run_sync(self.guest.close)
                 self.guest = None
         return None
@@ -198,25 +236,88 @@ class IncomingMigration:
             await stream.send_all(data)
 
     async def _receive(self, stream: trio.SocketStream) -> None:
+        """The stream, across as many connections as postcopy recovery needs."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._nursery = nursery  # postcopy tasks: they outlive a broken connection
             try:
-                await self._receive_loop(stream)
+                while True:
+                    try:
+                        await self._receive_loop(stream)
+                        break
+                    except (*LINK_ERRORS, ProtocolError) as err:
+                        if self.pc.state is not PostcopyState.RUNNING:
+                            raise
+                        stream = await self._pause_until_recovered(err)
             finally:
-                nursery.cancel_scope.cancel()  # the postcopy requester, if it runs
+                nursery.cancel_scope.cancel()
                 self._nursery = None
 
+    # ---- postcopy recovery (WIRE.md §6.6)
+
+    async def _pause_until_recovered(self, err: BaseException) -> trio.SocketStream:
+        """The link broke while the guest runs here: keep everything and wait for migrate-recover."""
+        why = str(err) or type(err).__name__
+        self.rp_connected = False
+        missing = self._missing_count()
+        self.info.error_desc = (
+            f"postcopy paused: {why}; {missing} pages exist only on the source, so the guest cannot "
+            "complete until the source reconnects (migrate-recover here, migrate with resume there)"
+        )
+        self.log.error("postcopy paused", error=why, missing_pages=missing)
+        self.status.to(MigrationStatus.POSTCOPY_PAUSED)
+        if self._stream is not None and self._recovered_any:
+            with _ignore_io():
+                await self._stream.aclose()
+        self._recovery = trio.open_memory_channel[trio.SocketStream](1)
+        stream = await self._recovery[1].receive()
+        self._recovered_any = True
+        self.status.to(MigrationStatus.POSTCOPY_RECOVER)
+        self.info.error_desc = None
+        self.log.info("postcopy recovery: source reconnected", peer=_peer_of(stream))
+        tune_socket(stream.socket)
+        self._stream = stream
+        self.rp_connected = True
+        return stream
+
+    @property
+    def paused(self) -> bool:
+        return self.status.status is MigrationStatus.POSTCOPY_PAUSED
+
+    def recover(self, stream: trio.SocketStream) -> bool:
+        """Hand over a connection accepted by migrate-recover; False if none is awaited."""
+        if self._recovery is None or not self.paused:
+            return False
+        try:
+            self._recovery[0].send_nowait(stream)
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def _receive_loop(self, stream: trio.SocketStream) -> None:
-        dec = MainDecoder(zero_copy=True, initial_capacity=4 * RECV_SIZE)
+        if self._dec is None:
+            dec = MainDecoder(zero_copy=True, initial_capacity=4 * RECV_SIZE)
+        else:  # a resumed postcopy connection: no header, blocks and sections already known
+            dec = MainDecoder(
+                zero_copy=True,
+                initial_capacity=4 * RECV_SIZE,
+                expect_header=False,
+                known_blocks=self._dec.blocks,
+                sections=self._dec.sections,
+            )
         self._dec = dec
         tune_socket(stream.socket)
+        if self._fault_task:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
         stats = self.info.stats
         # our own descriptor of the connection, non-blocking like trio's: drained in a tight
         # loop so that the decoder sees ~1 MiB at a time, not whatever one recv happened to get
         raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         try:
             while not self._done:
-                got, eof = _drain(raw, dec, RECV_SIZE)
+                try:
+                    got, eof = _drain(raw, dec, self._recv_size)
+                except OSError as err:
+                    raise LinkLost(f"connection from the source failed: {err.strerror or err}") from None
                 if not got and not eof:
                     await trio.lowlevel.wait_readable(raw)
                     continue
@@ -224,11 +325,13 @@ class IncomingMigration:
                 # page views point into the decoder's buffer: apply them all before reading again
                 for ev in dec.events():
                     await self._handle(ev, stream)
+                if self._awaited is not None:
+                    self._wake_if_placed()
                 if eof:
                     for ev in dec.end_of_input():
                         await self._handle(ev, stream)
                     if not self._eof:
-                        raise IncomingError(
+                        raise LinkLost(
                             f"the source closed the connection before the end of the stream "
                             f"(after {stats.transferred} bytes)"
                         )
@@ -269,10 +372,6 @@ class IncomingMigration:
             n = len(idx)
             if self.pc.listening:
                 idx = idx[~self._received(ev.block)[idx]]
-            if self.received_map is not None:
-                self.received_map.received[ev.block][idx] = True
-            if self.pc.state is PostcopyState.RUNNING:
-                self._arrived.set()
             if ev.fill:
                 self._pages[ev.block][idx] = ev.fill
                 self._written[ev.block][idx] = True
@@ -283,6 +382,10 @@ class IncomingMigration:
                 if len(hit):
                     self._pages[ev.block][hit] = 0
                     written[hit] = False
+            if self.received_map is not None:  # after the contents: a running vCPU may use it now
+                self.received_map.received[ev.block][idx] = True
+            if self.pc.state is PostcopyState.RUNNING:
+                self._arrived.set()
             self.info.stats.duplicate += n
         elif isinstance(ev, XbzrlePage):
             if self.pc.listening:
@@ -327,9 +430,11 @@ class IncomingMigration:
         elif isinstance(ev, PostcopyRun) and self.caps["postcopy-ram"]:
             self._postcopy_to(PostcopyState.RUNNING, "POSTCOPY_RUN")
             self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._request_pages, stream)
-            self.log.info("postcopy running", missing=self._missing_count())
+            await self._postcopy_run()
+        elif isinstance(ev, RecvBitmapRequest) and self.caps["postcopy-ram"]:
+            await self._send_recv_bitmap(ev.block, stream)
+        elif isinstance(ev, PostcopyResume) and self.caps["postcopy-ram"]:
+            await self._postcopy_resume(stream)
         elif isinstance(ev, Packaged) and self.caps["postcopy-ram"]:
             await self._packaged(ev, stream)
         elif isinstance(ev, DeviceSection):
@@ -338,10 +443,11 @@ class IncomingMigration:
             self._eof = True
             if self.pc.state is PostcopyState.RUNNING:
                 # postcopy ends with EOF and no VMDESCRIPTION: every page must be here by now
-                self._postcopy_to(PostcopyState.END, "EOF")
                 missing = self._missing_count()
                 if missing:
                     raise IncomingError(f"postcopy stream ended with {missing} pages never received")
+                self._postcopy_to(PostcopyState.END, "EOF")
+                self._postcopy_end()
                 self._done = True
             elif self.pc.state is PostcopyState.LISTENING:
                 raise IncomingError("the stream ended in postcopy state LISTENING (no POSTCOPY_RUN)")
@@ -439,22 +545,127 @@ class IncomingMigration:
             if isinstance(sev, PostcopyRun) and i != len(events) - 1:
                 raise IncomingError("records follow POSTCOPY_RUN inside the PACKAGED blob")
 
-    async def _request_pages(self, stream: trio.SocketStream) -> None:
+    async def _postcopy_run(self) -> None:
+        """RUN: the guest runs here from now on. Our model's guest runs with its faults served
+        (it requests what it touches); a QEMU guest cannot execute here, so we request every
+        missing page as its faults would."""
+        assert self._nursery is not None and self.received_map is not None
+        guest = self.guest
+        native = self.machine_type == self.model_machine_type
+        block = guest.postcopy_block() if native else None
+        if native and self.run_state == "running" and not self.paused_start and block is not None:
+            present = guest.arm_postcopy(self.received_map.received[block])
+            self.received_map.received[block] = present  # what we place, the vCPU sees
+            self._awaited = np.zeros(0, np.intp)
+            self._fault_task = True
+            self._recv_size = POSTCOPY_RECV_SIZE
+            assert self._stream is not None
+            self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+            await trio.to_thread.run_sync(guest.start)
+            if self.on_run is not None:
+                self.on_run(guest)
+            self.emit("RESUME", {})
+            self._nursery.start_soon(self._serve_faults, block)
+            self.log.info("postcopy running: the guest runs here", missing=self._missing_count())
+        elif native:
+            self.log.info("postcopy running: guest kept stopped", missing=self._missing_count())
+        else:
+            self._nursery.start_soon(self._request_pages)
+            self.log.info("postcopy running: requesting every missing page", missing=self._missing_count())
+
+    def _postcopy_end(self) -> None:
+        if self._fault_task:
+            self.guest.disarm_postcopy()
+            self.info.postcopy_faults = self.guest.fault_stats()
+            self._awaited = None
+
+    async def _send_requests(self, block: str, pages: np.ndarray) -> None:
+        """REQ_PAGES(_ID) for ``pages``, one per page as QEMU's destination sends them; while
+        paused they are only marked requested, and re-sent at resume."""
+        rm = self.received_map
+        assert rm is not None
+        rm.requested[block][pages] = True
+        if not self.rp_connected or not len(pages) or self._stream is None:
+            return
+        reqs = rm.requests_for(block, pages)
+        data = b"".join(encode_rp(r) for r in reqs)
+        async with self._rp_lock:
+            # never leave half a message on the RP (SHUT comes after it)
+            with trio.CancelScope(shield=True), trio.move_on_after(10), _ignore_io():
+                await self._stream.send_all(data)
+        self.info.postcopy_requests += len(reqs)
+
+    async def _serve_faults(self, block: str) -> None:
+        """The running guest's faults: request what it touches (once), wake it when placed."""
+        guest = self.guest
+        fd = guest.fault_fileno()
+        received = self.received_map.received
+        requested = self.received_map.requested[block]
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            pages = guest.read_faults()
+            if not len(pages):
+                continue
+            pages = pages[~received[block][pages]]
+            if not len(pages):
+                guest.wake_vcpu()  # placed meanwhile
+                continue
+            self._awaited = np.union1d(self._awaited, pages)
+            await self._send_requests(block, pages[~requested[pages]])
+
+    def _wake_if_placed(self) -> None:
+        awaited = self._awaited
+        if awaited is None or not len(awaited):
+            return
+        block = self.guest.postcopy_block()
+        placed = self.received_map.received[block][awaited]
+        if placed.any():
+            self._awaited = awaited[~placed]
+            self.guest.wake_vcpu()
+
+    async def _send_recv_bitmap(self, block: str, stream: trio.SocketStream) -> None:
+        if self.status.status is not MigrationStatus.POSTCOPY_RECOVER:
+            raise IncomingError(
+                f"RECV_BITMAP in migration status {self.status.status.value}, only valid in postcopy-recover"
+            )
+        rm = self.received_map
+        assert rm is not None
+        rec = rm.received.get(block)
+        if rec is None:
+            raise IncomingError(f"RECV_BITMAP for unknown RAM block {block!r}")
+        bits = np.packbits(rec.view(np.bool_), bitorder="little").tobytes()
+        size = recv_bitmap_size(len(rec) * PAGE)
+        await self._send_rp(stream, encode_rp(RpRecvBitmap(block, bits.ljust(size, b"\0"))))
+
+    async def _postcopy_resume(self, stream: trio.SocketStream) -> None:
+        if self.status.status is not MigrationStatus.POSTCOPY_RECOVER:
+            raise IncomingError(
+                f"POSTCOPY_RESUME in migration status {self.status.status.value}, "
+                "only valid in postcopy-recover"
+            )
+        self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
+        await self._send_rp(stream, encode_rp(RpResumeAck(1)))
+        rm = self.received_map
+        assert rm is not None
+        rm.forget_last_block()  # the first request on a new connection names its block
+        outstanding = 0
+        for block in rm.received:
+            pages = np.flatnonzero(rm.requested[block] & ~rm.received[block])
+            if len(pages):
+                outstanding += len(pages)
+                await self._send_requests(block, pages)
+        self.log.info("postcopy resumed", missing=self._missing_count(), re_requested=outstanding)
+
+    async def _request_pages(self) -> None:
         """After RUN: request the missing pages, as a running guest's faults would, keeping at
         most MAX_OUTSTANDING_REQUESTS outstanding while background pages keep arriving."""
         rm = self.received_map
         assert rm is not None
         while rm.missing_count():
             budget = MAX_OUTSTANDING_REQUESTS - rm.outstanding()
-            if budget > 0:
-                reqs = rm.build_requests(budget)
-                if reqs:
-                    data = b"".join(encode_rp(r) for r in reqs)
-                    async with self._rp_lock:
-                        # never leave half a message on the RP (SHUT comes after it)
-                        with trio.CancelScope(shield=True), trio.move_on_after(10):
-                            await stream.send_all(data)
-                    self.info.postcopy_requests += len(reqs)
+            if budget > 0 and self.rp_connected:
+                for block, pages in rm.next_missing(budget).items():
+                    await self._send_requests(block, pages)
             self._arrived = trio.Event()
             with trio.move_on_after(REQUEST_POLL):
                 await self._arrived.wait()
@@ -478,6 +689,14 @@ class IncomingMigration:
             self.guest.load_device(ev.idstr, ev.instance_id, ev.version_id, ev.body)
         except ValueError as err:
             raise IncomingError(str(err)) from None
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    try:
+        h, p = stream.socket.getpeername()[:2]
+        return f"{h}:{p}"
+    except OSError:
+        return "?"
 
 
 def _drain(sock: socket.socket, dec: MainDecoder, limit: int) -> tuple[int, bool]:

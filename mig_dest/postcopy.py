@@ -128,21 +128,37 @@ class ReceivedMap:
         """Pages requested but not received yet."""
         return int(sum(int((self.requested[n] & ~r).sum()) for n, r in self.received.items()))
 
-    def build_requests(self, limit: int) -> list[RpReqPages]:
-        """Requests for up to ``limit`` missing pages never requested: one 4096-byte REQ_PAGES
-        each, with the block name (REQ_PAGES_ID) whenever it differs from the last request's."""
-        out: list[RpReqPages] = []
+    def next_missing(self, limit: int) -> dict[str, np.ndarray]:
+        """Up to ``limit`` missing pages never requested, per block (in address order)."""
+        out: dict[str, np.ndarray] = {}
+        n = 0
         for name, rec in self.received.items():
-            if len(out) >= limit:
+            if n >= limit:
                 break
-            req = self.requested[name]
-            idx = np.flatnonzero(~(rec | req))[: limit - len(out)]
-            if not len(idx):
-                continue
-            req[idx] = True
-            for i in idx.tolist():
-                block = None if name == self._last_block else name
-                self._last_block = name
-                out.append(RpReqPages(i * PAGE, PAGE, block))
+            idx = np.flatnonzero(~(rec | self.requested[name]))[: limit - n]
+            if len(idx):
+                out[name] = idx
+                n += len(idx)
+        return out
+
+    def forget_last_block(self) -> None:
+        """A new connection: the next request names its block (REQ_PAGES_ID)."""
+        self._last_block = None
+
+    def requests_for(self, block: str, pages: np.ndarray) -> list[RpReqPages]:
+        """One 4096-byte request per page, with the block name (REQ_PAGES_ID) whenever it
+        differs from the last request's; marks them requested."""
+        self.requested[block][pages] = True
+        out: list[RpReqPages] = []
+        for i in pages.tolist():
+            out.append(RpReqPages(i * PAGE, PAGE, None if block == self._last_block else block))
+            self._last_block = block
         self.requests_sent += len(out)
+        return out
+
+    def build_requests(self, limit: int) -> list[RpReqPages]:
+        """Requests for up to ``limit`` missing pages never requested (see requests_for)."""
+        out: list[RpReqPages] = []
+        for name, idx in self.next_missing(limit).items():
+            out += self.requests_for(name, idx)
         return out

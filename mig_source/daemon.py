@@ -19,7 +19,11 @@ from control.daemon_common import (
 from control.params import SUPPORTED_CAPABILITIES, Capabilities, MigrationStatus, Parameters
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
 
-from .precopy import MigrationInfo, PrecopyMigration
+from .precopy import MigrationError, MigrationInfo, PrecopyMigration
+
+POSTCOPY_STATES = frozenset(
+    {MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.POSTCOPY_RECOVER}
+)
 
 
 class SourceDaemon(DaemonShell):
@@ -39,6 +43,7 @@ class SourceDaemon(DaemonShell):
         self.machine_type = machine_type
         self.info = MigrationInfo()
         self._scope: trio.CancelScope | None = None
+        self._migration: PrecopyMigration | None = None
         super().__init__(guest=guest, caps=caps, params=params, log=log)
 
     def register(self, reg: CommandRegistry) -> None:
@@ -52,19 +57,39 @@ class SourceDaemon(DaemonShell):
             Arg("inc", bool, required=False),
         )
         async def migrate(args: dict[str, Any]) -> None:
-            if self.status.active:
+            if self.status.active and not args["resume"]:
                 raise QmpError("There's a migration process in progress")
             if args["resume"]:
-                raise QmpError(
-                    "Cannot resume: no paused postcopy migration (postcopy-ram is not supported yet)"
-                )
+                if self._migration is None:
+                    raise QmpError("Cannot resume if there is no paused migration")
+                try:
+                    self._migration.request_resume(args["uri"])
+                except MigrationError as err:
+                    raise QmpError(str(err)) from None
+                return
             guest = self.holder.require()
             if guest.run_state in ("postmigrate", "crashed"):
                 raise QmpError(f"the guest cannot migrate from run state {guest.run_state!r}")
             self._start(args["uri"])
 
+        @reg.command("migrate-start-postcopy")
+        async def migrate_start_postcopy(args: dict[str, Any]) -> None:
+            if not self.caps["postcopy-ram"]:
+                raise QmpError("Enable postcopy with migrate_set_capability before the start of migration")
+            if self._migration is None or self.status.status not in (
+                MigrationStatus.SETUP,
+                MigrationStatus.ACTIVE,
+            ):
+                raise QmpError(f"postcopy cannot start in migration status {self.status.status.value}")
+            self._migration.start_postcopy()
+
         @reg.command("migrate_cancel")
         async def migrate_cancel(args: dict[str, Any]) -> None:
+            if self.status.status in POSTCOPY_STATES:
+                raise QmpError(
+                    "cannot cancel a migration in postcopy: the guest already runs on the destination "
+                    "(after a broken link use migrate with resume)"
+                )
             if self.status.active and self._scope is not None:
                 self.status.to(MigrationStatus.CANCELLING)
                 self._scope.cancel()
@@ -84,13 +109,17 @@ class SourceDaemon(DaemonShell):
             out["ram"] = info.ram.to_qmp()
         if st is MigrationStatus.COMPLETED:
             out["downtime"] = info.downtime_ms or 0
+        elif st in POSTCOPY_STATES and info.downtime_ms is not None:
+            out["downtime"] = info.downtime_ms
         elif info.expected_downtime_ms is not None:
             out["expected-downtime"] = info.expected_downtime_ms
         if info.cpu_throttle:
             out["cpu-throttle-percentage"] = info.cpu_throttle
         if info.xbzrle is not None:
             out["xbzrle-cache"] = info.xbzrle
-        if info.error_desc and st is MigrationStatus.FAILED:
+        if info.pongs:
+            out["x-pongs"] = list(info.pongs)
+        if info.error_desc and st in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED):
             out["error-desc"] = info.error_desc
         return out
 
@@ -114,6 +143,7 @@ class SourceDaemon(DaemonShell):
         )
         scope = trio.CancelScope()
         self._scope = scope
+        self._migration = migration
         log.info("migration starting")
 
         async def run() -> None:
@@ -191,9 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # the source has no postcopy yet (the destination does)
-    source_caps = SUPPORTED_CAPABILITIES - {"postcopy-ram"}
-    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-source", source_caps)
+    args, cfg, log, caps, params = daemon_setup(build_parser(), argv, "mig-source", SUPPORTED_CAPABILITIES)
     gcfg = cfg.get("guest", {})
 
     from guest.model import Guest

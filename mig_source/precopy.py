@@ -6,6 +6,9 @@ Whatever ends the attempt (success, error, cancel) the ``finally`` path puts the
 if we stopped it for the switchover and did not complete, it runs again.
 
 Non-convergence policy (documented in README.md):
+* with capability ``postcopy-ram``: after ``x-postcopy-after-passes`` passes (default 5; 0 turns
+  this off) the source switches to postcopy, which always finishes; ``migrate-start-postcopy``
+  switches at any time;
 * with capability ``auto-converge``: the vCPU is throttled as QEMU does (``cpu-throttle-initial``,
   then ``+cpu-throttle-increment`` each time the guest dirtied more than
   ``throttle-trigger-threshold`` % of what was sent in a pass, twice in a row), up to
@@ -41,6 +44,7 @@ from protocol.events import (
     EndOfStream,
     OpenReturnPath,
     Ping,
+    PostcopyAdvise,
     RamBlockInfo,
     RamBlockList,
     RamEos,
@@ -56,14 +60,22 @@ from protocol.events import (
 )
 from protocol.return_path import ReturnPathDecoder
 
+from .postcopy import PostcopyError, PostcopySource
+
 PAGE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough to stay in cache
 RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
 PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
+POSTCOPY_CHECK_BYTES = 4 << 20  # with postcopy-ram: how often a pass looks for the switch
+POSTCOPY_SNDBUF = 256 << 10  # after the switch (see _postcopy_stream)
 
 
 class MigrationError(Exception):
     """A migration failed for a reason a user should read (becomes error-desc)."""
+
+
+class LinkLost(MigrationError):
+    """The connection to the destination broke (in postcopy: pause, do not fail)."""
 
 
 @dataclass
@@ -80,6 +92,7 @@ class MigrationInfo:
     cpu_throttle: int = 0
     passes: int = 0
     xbzrle: dict[str, Any] | None = None
+    pongs: list[int] = field(default_factory=list)  # PONG values from the return path, in order
 
     def total_time_ms(self) -> int:
         end = self.end_time if self.end_time is not None else time.monotonic()
@@ -90,14 +103,15 @@ class RateLimiter:
     """Bytes per second, in 100 ms windows like QEMU's rate limiter; 0 means unlimited.
     Used from the trio task or from the sender thread, never both at once."""
 
-    def __init__(self, params: Parameters) -> None:
+    def __init__(self, params: Parameters, parameter: str = "max_bandwidth") -> None:
         self._params = params
+        self._parameter = parameter  # max_bandwidth, or max_postcopy_bandwidth after the switch
         self._window_start = time.monotonic()
         self._used = 0
 
     def _wait_until(self, n: int) -> float | None:
         """Account ``n`` bytes; the monotonic time to wait until, if over the budget."""
-        limit = self._params.max_bandwidth
+        limit = getattr(self._params, self._parameter)
         if limit <= 0:
             return None
         per_window = max(limit / 10, 1)
@@ -348,6 +362,11 @@ class PrecopyMigration:
         self._rp_error: BaseException | None = None
         self._high_dirty_count = 0
         self._passes_at_max_throttle = 0
+        self.postcopy_requested = False  # migrate-start-postcopy, or the automatic policy
+        self.pc: PostcopySource | None = None  # set at the postcopy switch
+        self._resume_requested = trio.Event()
+        self._resume_uri = uri
+        self._last_devices: list[Any] = []
 
     # ------------------------------------------------------------------ entry point
 
@@ -358,28 +377,20 @@ class PrecopyMigration:
         self.was_running = self.guest.run_state == "running"
         completed = False
         try:
-            host, port = parse_tcp_uri(self.uri)
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError as err:
-                raise MigrationError(f"cannot connect to {host}:{port}: {err.strerror or err}") from None
-            tune_socket(stream.socket)
-            async with stream:
+            stream = await self._connect(self.uri)
+            while True:
                 try:
-                    async with trio.open_nursery() as nursery:
-                        await self._migrate(stream, nursery)
-                        completed = True
-                        nursery.cancel_scope.cancel()
-                except BaseExceptionGroup as group:
-                    # the nursery wraps even a lone error in a group (strict exception groups):
-                    # unwrap it for the handlers below, or it escapes and kills the daemon
-                    if len(group.exceptions) == 1:
-                        raise group.exceptions[0]  # noqa: B904 (keep the error's own __cause__)
-                    raise
+                    await self._run_connection(stream)
+                    completed = True
+                    break
+                except (LinkLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                    if self.pc is None or not self.pc.run_sent:
+                        raise
+                    stream = await self._pause_until_resumed(err)
         except trio.Cancelled:
             self.log.warning("migration cancelled")
             raise
-        except MigrationError as err:
+        except (MigrationError, PostcopyError) as err:
             self._fail(str(err))
         except ProtocolError as err:
             self._fail(f"return path: {err}")
@@ -389,6 +400,77 @@ class PrecopyMigration:
             info.end_time = time.monotonic()
             with trio.CancelScope(shield=True):
                 await self._restore_guest(completed)
+
+    async def _connect(self, uri: str) -> trio.SocketStream:
+        host, port = parse_tcp_uri(uri)
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as err:
+            raise MigrationError(f"cannot connect to {host}:{port}: {err.strerror or err}") from None
+        tune_socket(stream.socket)
+        return stream
+
+    async def _run_connection(self, stream: trio.SocketStream) -> None:
+        """One connection: the whole migration, or (after a pause) the rest of postcopy."""
+        async with stream:
+            try:
+                async with trio.open_nursery() as nursery:
+                    if self.pc is None:
+                        await self._migrate(stream, nursery)
+                    else:
+                        await self._resume_postcopy(stream, nursery)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # the nursery wraps even a lone error in a group (strict exception groups):
+                # unwrap it for the handlers in run(), or it escapes and kills the daemon
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0]  # noqa: B904 (keep the error's own __cause__)
+                raise
+
+    # ------------------------------------------------------------------ postcopy control
+
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: switch at the next point where a pass can stop."""
+        if not self.caps["postcopy-ram"]:
+            raise MigrationError("postcopy-ram capability is not set")
+        self.postcopy_requested = True
+
+    def request_resume(self, uri: str) -> None:
+        """migrate with resume=true: reconnect a paused postcopy migration to ``uri``."""
+        if self.status.status is not MigrationStatus.POSTCOPY_PAUSED:
+            raise MigrationError(
+                f"Cannot resume if there is no paused migration (status {self.status.status.value})"
+            )
+        self._resume_uri = uri
+        self._resume_requested.set()
+
+    async def _pause_until_resumed(self, err: BaseException) -> trio.SocketStream:
+        """The link broke after RUN: keep everything, wait for ``migrate`` with resume."""
+        why = str(err) if isinstance(err, MigrationError) else _describe_io_error(err)
+        self.info.error_desc = f"postcopy paused: {why}"
+        self.log.warning(
+            "postcopy paused: connection lost; waiting for migrate with resume",
+            error=why,
+            pages_left=self.pc.left if self.pc else None,
+        )
+        self.status.to(MigrationStatus.POSTCOPY_PAUSED)
+        while True:
+            self._resume_requested = trio.Event()
+            await self._resume_requested.wait()
+            self.status.to(MigrationStatus.POSTCOPY_RECOVER)
+            try:
+                stream = await self._connect(self._resume_uri)
+            except MigrationError as cerr:
+                self.info.error_desc = f"postcopy paused: {cerr}"
+                self.log.warning("postcopy recovery: cannot reconnect", error=str(cerr))
+                self.status.to(MigrationStatus.POSTCOPY_PAUSED)
+                continue
+            self.info.error_desc = None
+            self.log.info("postcopy recovery: reconnected", uri=self._resume_uri)
+            return stream
+
+    def _wants_postcopy(self) -> bool:
+        return self.postcopy_requested and self.caps["postcopy-ram"]
 
     def _release_throttle(self) -> None:
         """Before a final status is visible: a client that sees it sees no throttle either."""
@@ -411,7 +493,11 @@ class PrecopyMigration:
         except Exception as err:  # the guest's own error must not hide the migration's
             self.log.error("could not stop dirty logging", error=str(err))
         self._release_throttle()  # (cancelled: nothing released it yet)
-        if not completed and self.stopped_guest and self.was_running:
+        if not completed and self.pc is not None and self.pc.run_sent:
+            # the destination has run the guest: its state is split, it must never run here again
+            self.guest.set_run_state("postmigrate")
+            self.log.error("postcopy failed after the switch: the guest cannot be resumed on the source")
+        elif not completed and self.stopped_guest and self.was_running:
             await trio.to_thread.run_sync(self.guest.start)
             self.log.info("source guest resumed after unsuccessful migration")
 
@@ -433,12 +519,15 @@ class PrecopyMigration:
 
             sender.xbzrle_bases = ram_addr_bases({n: b.size for n, b in blocks.items()})
         stats.total = sum(b.size for b in blocks.values())
-        return_path = self.caps["return-path"]
+        postcopy = self.caps["postcopy-ram"]
+        return_path = self.caps["return-path"] or postcopy  # postcopy needs one (WIRE.md §6.1)
 
         head = [enc.encode(StreamHeader()), enc.encode(Configuration(self.machine_type))]
         if return_path:
             nursery.start_soon(self._read_return_path, stream)
             head += [enc.encode(OpenReturnPath()), enc.encode(Ping(1))]
+        if postcopy:  # our page sizes, before any page: the destination checks them
+            head.append(enc.encode(PostcopyAdvise(PAGE, PAGE)))
         block_list = RamBlockList(tuple(RamBlockInfo(n, b.size) for n, b in blocks.items()))
         head += [
             enc.encode(SectionStart(RAM_SECTION_ID, "ram", 0, 4)),
@@ -460,9 +549,12 @@ class PrecopyMigration:
         while True:
             self._check_return_path()
             pass_start = time.monotonic()
-            sent = await self._send_pass(sender, dirty)
+            sent, unsent = await self._send_pass(sender, dirty)
             elapsed = max(time.monotonic() - pass_start, 1e-6)
             bandwidth = sent / elapsed  # bytes/s over this pass
+            if unsent:  # the pass stopped early for postcopy: those pages were never sent
+                await self._postcopy_switch(sender, stream, unsent)
+                return
             dirty = await self._sync(sender, elapsed)
             remaining = sum(len(v) for v in dirty.values()) * PAGE
             stats.remaining = remaining
@@ -484,25 +576,40 @@ class PrecopyMigration:
             if expected * 1000 <= self.params.downtime_limit:
                 break
             self._non_convergence(sent, elapsed)
+            if self._wants_postcopy():
+                await self._postcopy_switch(sender, stream, dirty)
+                return
 
         await self._switchover(sender, stream, dirty)
 
-    async def _send_pass(self, sender: PageSender, dirty: dict[str, np.ndarray]) -> int:
-        """One PART section per up to PART_BYTES of pages; returns the bytes sent."""
+    async def _send_pass(
+        self, sender: PageSender, dirty: dict[str, np.ndarray]
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        """One PART section per up to PART_BYTES of pages; returns the bytes sent, and the pages
+        not sent when migrate-start-postcopy stopped the pass early (else an empty dict)."""
         total = 0
         in_section = 0
         open_section = False
         pass_start = time.monotonic()
         enc = sender.enc
+        unsent: dict[str, np.ndarray] = {}
+        # with postcopy possible, look for migrate-start-postcopy every few MiB, not every 64
+        step = (POSTCOPY_CHECK_BYTES if self.caps["postcopy-ram"] else PART_BYTES) // PAGE
         for name, idx in dirty.items():
+            if unsent:
+                unsent[name] = idx
+                continue
             block = self.guest.blocks[name]
             pages = block.pages
             holes = hole_pages(block)
-            for a in range(0, len(idx), PART_BYTES // PAGE):
+            for a in range(0, len(idx), step):
+                if self._wants_postcopy():
+                    unsent[name] = idx[a:]
+                    break
                 if not open_section:
                     await sender.send(enc.encode(SectionPart(RAM_SECTION_ID)))
                     open_section = True
-                chunk = idx[a : a + PART_BYTES // PAGE]
+                chunk = idx[a : a + step]
                 n = await sender.send_pages(name, pages, chunk, holes)
                 total += n
                 in_section += n
@@ -518,7 +625,7 @@ class PrecopyMigration:
                     self._check_return_path()
         if open_section:
             await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
-        return total
+        return total, unsent
 
     async def _sync(self, sender: PageSender, elapsed: float) -> dict[str, np.ndarray]:
         bitmaps = await trio.to_thread.run_sync(self.guest.sync_dirty)
@@ -535,6 +642,11 @@ class PrecopyMigration:
 
     def _non_convergence(self, sent: int, elapsed: float) -> None:
         info, params = self.info, self.params
+        if self.caps["postcopy-ram"] and 0 < params.x_postcopy_after_passes <= info.passes:
+            if not self.postcopy_requested:
+                self.log.info("postcopy: switching after passes that did not converge", passes=info.passes)
+            self.postcopy_requested = True  # postcopy always finishes: it comes before throttling
+            return
         dirtied = info.ram.dirty_pages_rate * elapsed * PAGE
         if self.caps["auto-converge"]:
             # QEMU's mig_throttle_guest_down trigger: dirtied > threshold% of sent, twice in a row
@@ -573,13 +685,7 @@ class PrecopyMigration:
         info, enc = self.info, sender.enc
         self.status.to(MigrationStatus.DEVICE)
         down_start = time.monotonic()
-        if self.guest.run_state == "running":
-            self.stopped_guest = True
-        self.guest.store_global_state()  # the destination runs the guest iff it ran here
-        await trio.to_thread.run_sync(self.guest.stop)
-        self.emit("STOP", {})
-        bitmaps = await trio.to_thread.run_sync(self.guest.sync_dirty)
-        self.info.ram.dirty_sync_count += 1
+        bitmaps = await self._stop_guest()
         sender.last_stage = True
         await sender.send(enc.encode(SectionEnd(RAM_SECTION_ID)))
         for name, bm in bitmaps.items():
@@ -587,20 +693,42 @@ class PrecopyMigration:
             if len(idx):
                 await sender.send_pages(name, self.guest.blocks[name].pages, idx)
         await sender.send(enc.encode(RamEos()) + enc.encode(SectionFooter(RAM_SECTION_ID)))
-        devices = self.guest.save_devices()
-        out: list[bytes] = []
-        for i, dev in enumerate(devices):
-            sec = DeviceSection(RAM_SECTION_ID + 1 + i, dev.idstr, dev.instance_id, dev.version_id, dev.body)
-            out += [enc.encode(sec), enc.encode(SectionFooter(sec.section_id))]
+        devices = self._device_sections()
+        out = [enc.encode(sec) + enc.encode(SectionFooter(sec.section_id)) for sec in devices]
         out.append(enc.encode(EndOfStream()))
         if self.vmdesc is not None:
             out.append(enc.encode(VmDescription(self.vmdesc)))
-        elif all(d.vmdesc_entry is not None for d in devices):
-            desc = {"page_size": PAGE, "devices": [d.vmdesc_entry for d in devices]}
+        elif all(d.vmdesc_entry is not None for d in self._last_devices):
+            desc = {"page_size": PAGE, "devices": [d.vmdesc_entry for d in self._last_devices]}
             out.append(enc.encode(VmDescription(json.dumps(desc, separators=(", ", ": ")).encode())))
         await sender.send(b"".join(out))
         self.info.ram.remaining = 0
-        if self.caps["return-path"]:
+        await self._await_completion(stream)
+        info.downtime_ms = int((time.monotonic() - down_start) * 1000)
+        self._completed()
+
+    async def _stop_guest(self) -> dict[str, np.ndarray]:
+        """Stop the guest for the switch; its last dirty bitmaps."""
+        if self.guest.run_state == "running":
+            self.stopped_guest = True
+        self.guest.store_global_state()  # the destination runs the guest iff it ran here
+        await trio.to_thread.run_sync(self.guest.stop)
+        self.emit("STOP", {})
+        bitmaps = await trio.to_thread.run_sync(self.guest.sync_dirty)
+        self.info.ram.dirty_sync_count += 1
+        return bitmaps
+
+    def _device_sections(self) -> list[DeviceSection]:
+        devices = self.guest.save_devices()
+        self._last_devices = devices
+        return [
+            DeviceSection(RAM_SECTION_ID + 1 + i, d.idstr, d.instance_id, d.version_id, d.body)
+            for i, d in enumerate(devices)
+        ]
+
+    async def _await_completion(self, stream: trio.SocketStream) -> None:
+        """After the last byte: the destination's SHUT (with a return path) or our EOF."""
+        if self.caps["return-path"] or self.caps["postcopy-ram"]:
             with trio.move_on_after(self.params.x_completion_timeout) as scope:
                 await self._shut.wait()
             if scope.cancelled_caught:
@@ -614,7 +742,9 @@ class PrecopyMigration:
                 raise MigrationError(f"destination reported failure (SHUT status {self._shut_status})")
         else:
             await stream.send_eof()
-        info.downtime_ms = int((time.monotonic() - down_start) * 1000)
+
+    def _completed(self) -> None:
+        info = self.info
         self.guest.set_run_state("postmigrate")  # it runs on the destination from now on
         self._release_throttle()
         self.status.to(MigrationStatus.COMPLETED)
@@ -623,7 +753,68 @@ class PrecopyMigration:
             total_time_ms=info.total_time_ms(),
             downtime_ms=info.downtime_ms,
             transferred=info.ram.transferred,
+            postcopy_requests=info.ram.postcopy_requests,
         )
+
+    # ------------------------------------------------------------------ postcopy
+
+    async def _postcopy_switch(
+        self, sender: PageSender, stream: trio.SocketStream, pending: dict[str, np.ndarray]
+    ) -> None:
+        """Stop the guest, discard what the destination must not use, run it there, stream the
+        rest (WIRE.md §6.2)."""
+        self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
+        down_start = time.monotonic()
+        bitmaps = await self._stop_guest()
+        remaining: dict[str, np.ndarray] = {}
+        for name, bm in bitmaps.items():
+            mask = bm.astype(bool, copy=True)
+            if name in pending:
+                mask[pending[name]] = True
+            remaining[name] = mask
+        holes = {n: hole_pages(b) for n, b in self.guest.blocks.items()}
+        self.pc = PostcopySource(
+            guest=self.guest, stats=self.info.ram, log=self.log, remaining=remaining, holes=holes
+        )
+        self.info.ram.remaining = self.pc.left * PAGE
+        self.log.info("postcopy: switching", pages_to_send=self.pc.left, passes=self.info.passes)
+        await self.pc.switch(sender.send, sender.enc, self._device_sections())
+        self.info.downtime_ms = int((time.monotonic() - down_start) * 1000)
+        await self._postcopy_stream(stream, sender.enc)
+
+    async def _postcopy_stream(self, stream: trio.SocketStream, enc: MainEncoder) -> None:
+        assert self.pc is not None
+        # a small send buffer: a requested page never queues behind megabytes of background
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
+        limiter = RateLimiter(self.params, "max_postcopy_bandwidth")
+        sender = PageSender(stream, enc, self.info.ram, limiter, None)
+
+        async def send_urgent(buf: Any) -> None:  # requested pages skip the rate limit
+            data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else buf
+            await stream.send_all(data)
+            self.info.ram.transferred += len(data)
+
+        await self.pc.stream_pages(sender, enc, RAM_SECTION_ID, self._check_return_path, send_urgent)
+        await self._await_completion(stream)
+        self._completed()
+
+    async def _resume_postcopy(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        """The recovery handshake on a new connection, then the rest of the pages."""
+        assert self.pc is not None
+        self._shut = trio.Event()
+        self._shut_status = None
+        self._rp_error = None
+        enc = MainEncoder()  # a new stream: the first page names its block again
+        nursery.start_soon(self._read_return_path, stream)
+
+        async def send(data: bytes) -> None:
+            await stream.send_all(data)
+            self.info.ram.transferred += len(data)
+
+        await self.pc.resume(send, enc, self._check_return_path, self.params.x_completion_timeout)
+        self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
+        self.log.info("postcopy resumed", pages_left=self.pc.left)
+        await self._postcopy_stream(stream, enc)
 
     # ------------------------------------------------------------------ return path
 
@@ -643,26 +834,34 @@ class PrecopyMigration:
                 data = await stream.receive_some(65536)
                 if not data:
                     if not self._shut.is_set():
-                        self._rp_error = MigrationError("destination closed the connection without SHUT")
-                        self._shut.set()
+                        self._rp_failed(LinkLost("destination closed the connection without SHUT"))
                     return
                 dec.feed(data)
                 for ev in dec.events():
                     if isinstance(ev, RpPong):
+                        self.info.pongs.append(ev.value)
                         self.log.debug("pong", value=ev.value)
                     elif isinstance(ev, RpShut):
                         self._shut_status = ev.status
                         self._shut.set()
+                        if self.pc is not None:
+                            self.pc.changed.set()
+                    elif self.pc is not None and self.pc.on_return_path(ev):
+                        pass
                     else:
                         raise ProtocolError(
                             f"unexpected {type(ev).__name__} during precopy", channel="return-path"
                         )
-        except ProtocolError as err:
-            self._rp_error = err
-            self._shut.set()
-        except (OSError, trio.BrokenResourceError) as err:
-            self._rp_error = MigrationError(f"return path failed: {_describe_io_error(err)}")
-            self._shut.set()
+        except (ProtocolError, PostcopyError) as err:
+            self._rp_failed(err)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            self._rp_failed(LinkLost(f"return path failed: {_describe_io_error(err)}"))
+
+    def _rp_failed(self, err: BaseException) -> None:
+        self._rp_error = err
+        self._shut.set()
+        if self.pc is not None:
+            self.pc.changed.set()  # wakes a recovery handshake waiting for the destination
 
 
 def zero_pages_mask(pages: np.ndarray) -> np.ndarray:

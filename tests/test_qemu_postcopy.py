@@ -20,10 +20,12 @@ from protocol.events import (
     Ping,
     PostcopyAdvise,
     PostcopyListen,
+    PostcopyResume,
     PostcopyRun,
     RamBlockInfo,
     RamBlockList,
     RamEos,
+    RecvBitmapRequest,
     SectionFooter,
     SectionStart,
     StreamHeader,
@@ -31,7 +33,9 @@ from protocol.events import (
 from tests.daemons import Daemons, daemons  # noqa: F401 - fixture
 from tests.qemu_fixtures import requires_qemu
 from tests.qemu_guest.invariant import check_invariant
-from tests.qemu_harness import QemuVM
+from tests.qemu_harness import QemuOptions, QemuVM
+
+WARMUP_B = 10
 
 CAPTURE = Path(__file__).resolve().parents[1].parent / "shared" / "captures" / "postcopy-main.bin"
 
@@ -102,6 +106,8 @@ async def _send_and_read_rp(port: int, data: bytes) -> bytes:
         ([PostcopyRun()], ["POSTCOPY_RUN", "ADVISE", "LISTENING"]),
         ([PostcopyAdvise(4096, 4096)], ["POSTCOPY_ADVISE", "ADVISE", "NONE"]),
         ([PostcopyListen(), PostcopyListen()], ["POSTCOPY_LISTEN", "LISTENING", "ADVISE or DISCARD"]),
+        ([RecvBitmapRequest("pc.ram")], ["RECV_BITMAP", "active", "only valid in postcopy-recover"]),
+        ([PostcopyResume()], ["POSTCOPY_RESUME", "active", "only valid in postcopy-recover"]),
     ],
 )
 async def test_postcopy_command_in_wrong_state_fails(
@@ -145,3 +151,53 @@ async def test_postcopy_capture_replay(daemons: Daemons, tmp_path: Path) -> None
     image = read_image(Path(info["x-stored-image"]))
     assert image.blocks["pc.ram"].shape == (32 << 20,)
     assert np.any(image.blocks["pc.ram"])
+
+
+@pytest.mark.qemu
+@requires_qemu
+async def test_mig_source_postcopy_into_qemu(
+    daemons: Daemons,  # noqa: F811
+    booted_guest: QemuVM,
+    boot_disk: Path,
+    tmp_path: Path,
+) -> None:
+    """mig-source runs a stored QEMU guest and migrates it in postcopy into a real QEMU: QEMU's
+    userfaultfd faults request pages from us while we stream the rest; the guest runs on there
+    (new serial markers) and its memory invariant holds."""
+    vm_a = booted_guest
+    store = tmp_path / "images"
+    async with daemons.dest(extra=["--store", str(store)]) as dest:
+        await vm_a.set_parameters({"max-bandwidth": 10 << 30})
+        await vm_a.migrate(f"tcp:127.0.0.1:{dest.port}")
+        assert (await vm_a.wait_migration(timeout=120))["status"] == "completed"
+        dinfo = await dest.wait_migration(timeout=60)
+        assert dinfo["status"] == "completed", dinfo
+    image_path = Path(dinfo["x-stored-image"])
+
+    opts_b = QemuOptions(machine="pc", memory_mib=128, disk=boot_disk, incoming="defer", name="qemu-b")
+    async with (
+        daemons.source(extra=["--image", str(image_path)], paused=True) as src,
+        QemuVM.start(opts_b, workdir=tmp_path) as vm_b,
+    ):
+        await vm_b.set_capabilities({"postcopy-ram": True})
+        await vm_b.migrate_incoming("tcp:127.0.0.1:0")
+        port = await vm_b.incoming_port()
+        await src.set_capabilities(postcopy_ram=True)
+        # slow precopy (~5 s for the guest's ~100 MiB of dirtied pages), then switch: most pages
+        # move in postcopy, faulted in by QEMU's vCPU or streamed in the background
+        await src.set_parameters(max_bandwidth=20_000_000, max_postcopy_bandwidth=40_000_000)
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await trio.sleep(0.5)
+        await src.execute("migrate-start-postcopy")
+        await vm_b.wait_run_state("running", 30)  # QEMU runs the guest before it has its RAM
+        sinfo = await src.wait_migration(timeout=120)
+        assert sinfo["status"] == "completed", sinfo
+        assert sinfo["ram"]["postcopy-requests"] > 0, sinfo  # QEMU's faults reached us
+        assert sorted(sinfo["x-pongs"]) == [1, 2, 3, 4], sinfo
+        qinfo = await vm_b.query_migrate()
+        assert qinfo["status"] == "completed", qinfo
+        await vm_b.wait_serial_markers(WARMUP_B, 30)  # it runs on at B
+        await vm_b.stop()
+        dump = await vm_b.pmemsave(0, 128 << 20, tmp_path / "b.mem")
+        result = check_invariant(np.fromfile(dump, dtype=np.uint8))
+        assert result.ok, result.summary()
