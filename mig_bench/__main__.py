@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("qemu", help="QEMU->QEMU vs QEMU->mig-dest, 1 GiB guest with 768 MiB random data")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("postcopy", help="1 GiB hot-set guest in postcopy: fault latency while pages stream")
+    p.add_argument("--size", type=_size, default=1 << 30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workload", default="hotset:rate=max,size=256M")
+    p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     if args.bench == "protocol":
@@ -40,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         from .precopy_bench import report, run
 
         result = run(args.size)
+        print(json.dumps(result, indent=2) if args.json else report(result))
+        return 0
+    if args.bench == "postcopy":
+        from .postcopy_bench import report, run
+
+        result = run(args.size, args.rounds, args.workload)
         print(json.dumps(result, indent=2) if args.json else report(result))
         return 0
     if args.bench == "qemu":
