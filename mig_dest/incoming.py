@@ -353,7 +353,7 @@ class IncomingMigration:
                     idx, data = idx[new], data[new]
             if len(idx):
                 first, k = int(idx[0]), len(idx)
-                if int(idx[-1]) - first == k - 1:  # a run of consecutive pages: one slice copy
+                if is_page_run(idx):  # one slice copy
                     self._pages[ev.block][first : first + k] = data
                     self._written[ev.block][first : first + k] = True
                     if self.received_map is not None:
@@ -445,7 +445,16 @@ class IncomingMigration:
                 # postcopy ends with EOF and no VMDESCRIPTION: every page must be here by now
                 missing = self._missing_count()
                 if missing:
-                    raise IncomingError(f"postcopy stream ended with {missing} pages never received")
+                    rm = self.received_map
+                    assert rm is not None
+                    some = [
+                        f"{name}:{int(i)}{'(requested)' if rm.requested[name][i] else ''}"
+                        for name, idx in rm.missing().items()
+                        for i in idx[:5]
+                    ][:5]
+                    raise IncomingError(
+                        f"postcopy stream ended with {missing} pages never received (e.g. {', '.join(some)})"
+                    )
                 self._postcopy_to(PostcopyState.END, "EOF")
                 self._postcopy_end()
                 self._done = True
@@ -689,6 +698,14 @@ class IncomingMigration:
             self.guest.load_device(ev.idstr, ev.instance_id, ev.version_id, ev.body)
         except ValueError as err:
             raise IncomingError(str(err)) from None
+
+
+def is_page_run(idx: np.ndarray) -> bool:
+    """True if ``idx`` (non-empty) is consecutive ascending page numbers. The ends alone do not
+    prove it: a postcopy source interleaves requested pages with its background scan, so one
+    decoded run can hold e.g. [10, 20, 12]."""
+    k = len(idx)
+    return int(idx[-1]) - int(idx[0]) == k - 1 and (k < 3 or bool((np.diff(idx) == 1).all()))
 
 
 def _peer_of(stream: trio.SocketStream) -> str:

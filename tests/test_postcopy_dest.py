@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from mig_dest.incoming import is_page_run
 from mig_dest.postcopy import (
     TRANSITIONS,
     PostcopyState,
@@ -158,3 +161,15 @@ def test_requests_decode_on_the_source_side() -> None:
     evs = list(dec.events())
     assert len(evs) == 6
     assert [e.block for e in evs] == ["pc.ram", None, None, None, "pc.bios", None]
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=12))
+def test_is_page_run_only_for_consecutive_pages(pages: list[int]) -> None:
+    idx = np.array(pages, dtype=np.intp)
+    expected = pages == list(range(pages[0], pages[0] + len(pages)))
+    assert is_page_run(idx) is expected
+
+
+def test_interleaved_requested_page_is_not_a_run() -> None:
+    # a requested page (20) between background pages: the ends (10, 12) look like a run
+    assert not is_page_run(np.array([10, 20, 12]))
