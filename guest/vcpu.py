@@ -397,8 +397,16 @@ class _Child:
             self.credit = min(self.credit + plan.rate * dt, max(plan.rate * 0.05, 2.0 * min_batch))
             k = min(int(self.credit), MAX_BATCH)
         if k >= min_batch:
-            if self.shared.header[H_POSTCOPY] and not self.await_pages(next_pages(self.shared, plan, k)):
-                return  # paused or quitting while blocked: the batch was not written
+            if self.shared.header[H_POSTCOPY]:
+                # writes happen in program order, like a real vCPU's accesses: the present prefix
+                # of the batch is written, and the vCPU faults on the first page that is missing
+                pages = next_pages(self.shared, plan, k)
+                absent = np.flatnonzero(self.shared.present[pages] == 0)
+                if len(absent):
+                    k = int(absent[0])
+                    if not k:
+                        self.await_pages(pages[:1])  # False (paused, quitting): nothing written
+                        return
             write_batch(self.ram.words, self.shared, plan, self.salt, k)
             self.batches += 1
             if plan.rate is not None:
