@@ -30,7 +30,7 @@ async def migrate_once(size: int, workload: str) -> dict[str, Any]:
             )
         await src.execute(
             "migrate-set-parameters",
-            {"max-bandwidth": 1 << 40, "max-postcopy-bandwidth": 0, "x-postcopy-after-passes": 1},
+            {"max-bandwidth": 1 << 40, "max-postcopy-bandwidth": int(__import__("os").environ.get("PCBW", "0")), "x-postcopy-after-passes": 1, "downtime-limit": 20},
         )
         await _wait_prealloc(dst)
         seen: dict[str, float] = {}

@@ -254,11 +254,15 @@ class PostcopySource:
         enc: MainEncoder,
         section_id: int,
         check: Callable[[], None],
-        send_urgent: Callable[[Any], Any],
+        send: Callable[[Any], Any],
     ) -> None:
-        """RAM PART sections until nothing is left, requests first; then RAM END and EOF."""
+        """RAM PART sections until nothing is left, requests first; then RAM END and EOF.
+
+        ``send`` sends without rate limit; background pages are accounted to ``sender.limiter``
+        afterwards, and its waits end early when a request arrives."""
         await sender.send(enc.encode(SectionPart(section_id)))
         in_section = 0
+        not_before = 0.0  # the rate limit's next send time for background pages
         blocks = self.guest.blocks
         while True:
             check()
@@ -277,10 +281,16 @@ class PostcopySource:
                     mask[idx] = False
                     self.left -= len(idx)
                     bufs = list(sender._batches(name, blocks[name].pages, idx, self.holes[name]))
-                    await send_urgent(bufs[0] if len(bufs) == 1 else np.concatenate(bufs))
+                    await send(bufs[0] if len(bufs) == 1 else np.concatenate(bufs))
                     self.requested_pages_sent += len(idx)
                     in_section += len(idx)
                 self.stats.remaining = self.left * PAGE
+                continue
+            now = time.monotonic()
+            if not_before > now:
+                # over max-postcopy-bandwidth: wait, but never with a request waiting behind us
+                with trio.move_on_after(not_before - now):
+                    await self.requests.arrived.wait()
                 continue
             nxt = self._next_background(BACKGROUND_BATCH)
             if nxt is None:
@@ -288,8 +298,10 @@ class PostcopySource:
             name, idx = nxt
             self.remaining[name][idx] = False
             self.left -= len(idx)
-            for buf in sender._batches(name, blocks[name].pages, idx, self.holes[name]):
-                await sender.send(buf)
+            bufs = list(sender._batches(name, blocks[name].pages, idx, self.holes[name]))
+            data = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
+            await send(data)
+            not_before = sender.limiter.reserve(len(data)) or 0.0
             in_section += len(idx)
             self.stats.remaining = self.left * PAGE
             if in_section >= PART_PAGES:

@@ -109,8 +109,9 @@ class RateLimiter:
         self._window_start = time.monotonic()
         self._used = 0
 
-    def _wait_until(self, n: int) -> float | None:
-        """Account ``n`` bytes; the monotonic time to wait until, if over the budget."""
+    def reserve(self, n: int) -> float | None:
+        """Account ``n`` bytes; the monotonic time until which nothing more may be sent, if
+        over the budget (None: go on)."""
         limit = getattr(self._params, self._parameter)
         if limit <= 0:
             return None
@@ -128,12 +129,12 @@ class RateLimiter:
         return until
 
     async def acquire(self, n: int) -> None:
-        until = self._wait_until(n)
+        until = self.reserve(n)
         if until is not None:
             await trio.sleep(max(until - time.monotonic(), 0))
 
     def acquire_blocking(self, n: int, abort: threading.Event) -> None:
-        until = self._wait_until(n)
+        until = self.reserve(n)
         while until is not None and not abort.is_set() and time.monotonic() < until:
             abort.wait(min(until - time.monotonic(), 0.05))
 
@@ -789,12 +790,12 @@ class PrecopyMigration:
         limiter = RateLimiter(self.params, "max_postcopy_bandwidth")
         sender = PageSender(stream, enc, self.info.ram, limiter, None)
 
-        async def send_urgent(buf: Any) -> None:  # requested pages skip the rate limit
+        async def send_now(buf: Any) -> None:
             data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else buf
             await stream.send_all(data)
             self.info.ram.transferred += len(data)
 
-        await self.pc.stream_pages(sender, enc, RAM_SECTION_ID, self._check_return_path, send_urgent)
+        await self.pc.stream_pages(sender, enc, RAM_SECTION_ID, self._check_return_path, send_now)
         await self._await_completion(stream)
         self._completed()
 
