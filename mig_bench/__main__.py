@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=_size, default=1 << 30)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workload", default="hotset:rate=max,size=256M")
+    p.add_argument(
+        "--max-postcopy-bandwidth", type=_size, default=0, help="background rate limit (default 0: unlimited)"
+    )
     p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "postcopy":
         from .postcopy_bench import report, run
 
-        result = run(args.size, args.rounds, args.workload)
+        result = run(args.size, args.rounds, args.workload, args.max_postcopy_bandwidth)
         print(json.dumps(result, indent=2) if args.json else report(result))
         return 0
     if args.bench == "qemu":

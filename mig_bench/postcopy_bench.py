@@ -19,7 +19,7 @@ GiB = 1 << 30
 P99_TARGET_US = 2000
 
 
-async def migrate_once(size: int, workload: str) -> dict[str, Any]:
+async def migrate_once(size: int, workload: str, postcopy_bandwidth: int = 0) -> dict[str, Any]:
     src_args = ["--ram", str(size), "--fill", "random", "--workload", workload]
     dst_args = ["--prealloc", str(size)]  # a running destination: its vCPU faults
     async with daemon_pair(src_args, dst_args) as pair:
@@ -30,7 +30,12 @@ async def migrate_once(size: int, workload: str) -> dict[str, Any]:
             )
         await src.execute(
             "migrate-set-parameters",
-            {"max-bandwidth": 1 << 40, "max-postcopy-bandwidth": int(__import__("os").environ.get("PCBW", "0")), "x-postcopy-after-passes": 1, "downtime-limit": 20},
+            {
+                "max-bandwidth": 1 << 40,
+                "max-postcopy-bandwidth": postcopy_bandwidth,
+                "x-postcopy-after-passes": 1,
+                "downtime-limit": 20,
+            },
         )
         await _wait_prealloc(dst)
         seen: dict[str, float] = {}
@@ -78,9 +83,11 @@ async def _wait_prealloc(dst: Any) -> None:
             await trio.sleep(0.05)
 
 
-def run(size: int = GiB, rounds: int = 3, workload: str = "hotset:rate=max,size=256M") -> dict[str, Any]:
-    results = [trio.run(migrate_once, size, workload) for _ in range(rounds)]
-    return {"guest_bytes": size, "workload": workload, "rounds": results}
+def run(
+    size: int = GiB, rounds: int = 3, workload: str = "hotset:rate=max,size=256M", postcopy_bandwidth: int = 0
+) -> dict[str, Any]:
+    results = [trio.run(migrate_once, size, workload, postcopy_bandwidth) for _ in range(rounds)]
+    return {"guest_bytes": size, "workload": workload, "postcopy_bw": postcopy_bandwidth, "rounds": results}
 
 
 def report(r: dict[str, Any]) -> str:
