@@ -103,6 +103,8 @@ def report(r: dict[str, Any]) -> str:
             f"{x['postcopy_s']:.2f} s at {x['postcopy_GBps']:.2f} GB/s), downtime {x['downtime_ms']} ms; "
             f"{f.get('faults', 0)} faults, {x['postcopy_requests']} page requests; fault latency p50 "
             f"{f.get('p50-us', 0):.0f} us, p99 {f.get('p99-us', 0):.0f} us, max {f.get('max-us', 0):.0f} us "
+            f"(of which mig-dest's fault-to-placed p50 {f.get('service-p50-us', 0):.0f} us, "
+            f"p99 {f.get('service-p99-us', 0):.0f} us) "
             f"(p99 target < {P99_TARGET_US} us: {'PASS' if ok else 'FAIL'}); self-check: "
             f"{x['self_check_bad']} bad of {x['pages_checked']} pages"
         )

@@ -131,7 +131,7 @@ class DestDaemon(DaemonShell):
         mig = self._current
         faults = self.info.postcopy_faults
         if faults is None and mig is not None and mig._fault_task and mig.guest is not None:
-            faults = mig.guest.fault_stats()
+            faults = {**mig.guest.fault_stats(), **mig.service_stats()}
         if faults is None:
             return {}
         total_ms = faults["blocked-ns"] // 1_000_000

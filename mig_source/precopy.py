@@ -67,7 +67,7 @@ BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough
 RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
 PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
 POSTCOPY_CHECK_BYTES = 4 << 20  # with postcopy-ram: how often a pass looks for the switch
-POSTCOPY_SNDBUF = 256 << 10  # after the switch (see _postcopy_stream)
+POSTCOPY_SNDBUF = 64 << 10  # after the switch (see _postcopy_stream)
 
 
 class MigrationError(Exception):
