@@ -570,8 +570,8 @@ class Guest:
         return self._shared_block
 
     def arm_postcopy(self, received: np.ndarray) -> np.ndarray:
-        """Run the vCPU with postcopy faults, like userfaultfd: a batch that touches a page not
-        present blocks that vCPU until the daemon places the page and calls :meth:`wake_vcpu`.
+        """Run the vCPU with postcopy faults, like userfaultfd: its access to a page not present
+        blocks that vCPU until the daemon places the page and calls :meth:`wake_vcpu`.
 
         ``received`` (a bool per page of :meth:`postcopy_block`) is copied into the shared present
         map; fault statistics are reset and stale fault messages dropped. Returns a bool view of

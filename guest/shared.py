@@ -19,8 +19,9 @@ that makes the log race-free.
 
 Postcopy (see :meth:`guest.model.Guest.arm_postcopy`): the daemon sets ``present`` bytes (only
 ever 0 -> 1, each after the page's contents are in place) and POSTCOPY; the vCPU only reads them.
-While POSTCOPY is 1 the vCPU writes a batch only once every page of it is present, and then
-records the time it was blocked: ring entry first, then FAULT_NS and FAULT_MAX_NS, then FAULTS,
+While POSTCOPY is 1 the vCPU writes no page that is not present: it writes the present prefix of
+a batch, blocks on the first missing page until it is present, and then records the time it was
+blocked: ring entry first, then FAULT_NS and FAULT_MAX_NS, then FAULTS,
 so a reader never counts an entry not yet written. The daemon resets the fault words only while
 the vCPU is stopped.
 """

@@ -15,13 +15,14 @@ request/reply. The child answers only between two batches of page writes (see
 means every batch started before the request has completed. Every parent call has a timeout;
 a child that dies or stops answering is killed and reported as :class:`VcpuCrashed`.
 
-Postcopy faults (like userfaultfd): while the shared header's POSTCOPY word is 1, a batch whose
-pages are not all ``present`` is not written. The vCPU sends the missing page indexes on a second
-SOCK_SEQPACKET socket (one message: little-endian uint32, unique, sorted) and waits for a wake
-byte ("pages were placed, look again"), resending after FAULT_RESEND seconds of silence. While it
-waits it still serves the control socket: no write is in flight, so every reply keeps the
-"between two batches" guarantee; a pause or quit abandons the batch (it is recomputed from
-RNG_POS when the vCPU runs again).
+Postcopy faults (like userfaultfd): while the shared header's POSTCOPY word is 1, the vCPU writes
+in program order and never a page that is not ``present``: it writes the present prefix of a
+batch, then faults on the first missing page. It sends that page's index on a second
+SOCK_SEQPACKET socket (one message: a little-endian uint32 array, unique and sorted; today one
+page) and waits for a wake byte ("pages were placed, look again"), resending after FAULT_RESEND
+seconds of silence. While it waits it still serves the control socket: no write is in flight, so
+every reply keeps the "between two batches" guarantee; a pause or quit abandons the access (the
+next batch is recomputed from RNG_POS when the vCPU runs again).
 """
 
 from __future__ import annotations

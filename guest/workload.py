@@ -247,9 +247,9 @@ def write_batch(words: np.ndarray, shared: SharedState, plan: WorkloadPlan, salt
     """Write the next ``k`` pages of the stream: contents, then generations, then dirty bits.
 
     ACTIVE and LOGGING are read once, first (see :mod:`guest.dirty`); duplicates within a batch
-    get the same new generation, so the page and the table agree. In postcopy the caller first
-    waits until every page is present; a missing one raises rather than overwrite a page the
-    daemon has yet to place (which would lose either write).
+    get the same new generation, so the page and the table agree. In postcopy the caller passes a
+    ``k`` whose pages are all present (the present prefix of the stream); a missing one raises
+    rather than overwrite a page the daemon has yet to place (which would lose either write).
     """
     h = shared.header
     active = int(h[H_ACTIVE])

@@ -125,6 +125,9 @@ def test_faults_block_until_present_and_are_resent(guests: list[Guest]) -> None:
     faults = wait_faults(dst)
     assert faults.dtype == np.intp and np.array_equal(faults, np.unique(faults))
     assert 0 < len(faults) <= 1024 and faults.max() < 1024  # the workload's range, one batch at most
+    # program order: the vCPU blocks on its next access, the stream's page at RNG_POS
+    assert dst._shared is not None
+    assert np.array_equal(faults, dst._plan().pages(dst._shared.get(H_RNG_POS), 1))
     t0 = time.monotonic()
     time.sleep(0.1)
     assert writes(dst) == w0
@@ -152,9 +155,9 @@ def test_vcpu_progresses_only_over_present_pages(guests: list[Guest]) -> None:
         assert not present[faults].any()  # a fault names only absent pages
         place(src, dst, present, faults)
         placed[faults] = True
-    wait_faults(dst)  # the third batch is written: the vCPU is blocked again
+    wait_faults(dst)  # what the third placement allowed is written: the vCPU is blocked again
     dst.stop()
-    assert writes(dst) - w0 == 3 * 256
+    assert writes(dst) - w0 >= 3  # every placement let at least the faulting access through
     gens = dst.generations(BLOCK)
     assert gens is not None
     touched = gens != gens_before
@@ -186,10 +189,10 @@ def test_pause_and_fence_while_blocked(guests: list[Guest]) -> None:
     place(src, dst, present, faults)
     time.sleep(0.05)
     assert writes(dst) == w0
-    # running again recomputes the same batch from RNG_POS: now it is all present
+    # running again recomputes the access from RNG_POS: now it is present and goes through
     dst.start()
     nxt = wait_faults(dst)
-    assert writes(dst) == w0 + 256
+    assert writes(dst) > w0
     assert not present[nxt].any()
     dirty = dst.sync_dirty()[BLOCK]
     assert dirty.any() and present[dirty].all()
