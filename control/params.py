@@ -99,7 +99,15 @@ CAPABILITIES = (
 )
 # what this implementation can actually do; setting any other capability is refused clearly
 SUPPORTED_CAPABILITIES = frozenset(
-    {"events", "return-path", "auto-converge", "xbzrle", "postcopy-ram", "postcopy-blocktime"}
+    {
+        "events",
+        "return-path",
+        "auto-converge",
+        "xbzrle",
+        "postcopy-ram",
+        "postcopy-blocktime",
+        "postcopy-preempt",
+    }
 )
 
 

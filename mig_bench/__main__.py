@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-postcopy-bandwidth", type=_size, default=0, help="background rate limit (default 0: unlimited)"
     )
+    p.add_argument(
+        "--no-preempt", action="store_true", help="requested pages on the main channel (no postcopy-preempt)"
+    )
     p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "postcopy":
         from .postcopy_bench import report, run
 
-        result = run(args.size, args.rounds, args.workload, args.max_postcopy_bandwidth)
+        result = run(args.size, args.rounds, args.workload, args.max_postcopy_bandwidth, not args.no_preempt)
         print(json.dumps(result, indent=2) if args.json else report(result))
         return 0
     if args.bench == "qemu":

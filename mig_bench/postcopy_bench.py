@@ -19,15 +19,17 @@ GiB = 1 << 30
 P99_TARGET_US = 2000
 
 
-async def migrate_once(size: int, workload: str, postcopy_bandwidth: int = 0) -> dict[str, Any]:
+async def migrate_once(
+    size: int, workload: str, postcopy_bandwidth: int = 0, preempt: bool = True
+) -> dict[str, Any]:
     src_args = ["--ram", str(size), "--fill", "random", "--workload", workload]
     dst_args = ["--prealloc", str(size)]  # a running destination: its vCPU faults
     async with daemon_pair(src_args, dst_args) as pair:
         src, dst = pair.source, pair.dest
         for d in (src, dst):
-            await d.execute(
-                "migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
-            )
+            caps = [{"capability": "postcopy-ram", "state": True}]
+            caps.append({"capability": "postcopy-preempt", "state": preempt})
+            await d.execute("migrate-set-capabilities", {"capabilities": caps})
         await src.execute(
             "migrate-set-parameters",
             {
@@ -84,16 +86,27 @@ async def _wait_prealloc(dst: Any) -> None:
 
 
 def run(
-    size: int = GiB, rounds: int = 3, workload: str = "hotset:rate=max,size=256M", postcopy_bandwidth: int = 0
+    size: int = GiB,
+    rounds: int = 3,
+    workload: str = "hotset:rate=max,size=256M",
+    postcopy_bandwidth: int = 0,
+    preempt: bool = True,
 ) -> dict[str, Any]:
-    results = [trio.run(migrate_once, size, workload, postcopy_bandwidth) for _ in range(rounds)]
-    return {"guest_bytes": size, "workload": workload, "postcopy_bw": postcopy_bandwidth, "rounds": results}
+    results = [trio.run(migrate_once, size, workload, postcopy_bandwidth, preempt) for _ in range(rounds)]
+    return {
+        "guest_bytes": size,
+        "workload": workload,
+        "postcopy_bw": postcopy_bandwidth,
+        "preempt": preempt,
+        "rounds": results,
+    }
 
 
 def report(r: dict[str, Any]) -> str:
     lines = [
         f"postcopy benchmark: {r['guest_bytes'] / GiB:.2f} GiB guest, workload {r['workload']}, "
-        "daemons as processes over loopback, switch after 1 precopy pass"
+        f"daemons as processes over loopback, switch after 1 precopy pass, postcopy-preempt "
+        f"{'on' if r['preempt'] else 'off'}"
     ]
     for i, x in enumerate(r["rounds"], 1):
         f = x["faults"]

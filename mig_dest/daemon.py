@@ -88,6 +88,11 @@ class DestDaemon(DaemonShell):
                 if self.info.postcopy_state is not None:
                     out["x-postcopy-state"] = self.info.postcopy_state
                     out["x-postcopy-requests"] = self.info.postcopy_requests
+                    if self.info.preempt_channels:
+                        out["x-postcopy-preempt"] = {
+                            "channels": self.info.preempt_channels,
+                            "pages": self.info.preempt_pages,
+                        }
             if self.recover_listening:
                 out["x-recover-address"] = [
                     {"type": "inet", "host": h, "port": p}
@@ -142,26 +147,26 @@ class DestDaemon(DaemonShell):
         }
 
     async def _accept_recovery(self, listeners: list[trio.SocketListener], mig: IncomingMigration) -> None:
-        """The first connection to the migrate-recover address resumes the paused migration."""
+        """Connections to the migrate-recover address, until the migration ends: the first one
+        resumes the paused migration, a later one may be its postcopy-preempt channel."""
+
+        async def accept(lst: trio.SocketListener) -> None:
+            while True:
+                stream = await lst.accept()
+                if not mig.recover(stream) and not mig.attach_preempt(stream):
+                    self.log.error("connection to the recovery address not wanted", peer=_peer(stream))
+                    await stream.aclose()
+
         try:
             async with trio.open_nursery() as nursery:
-                got: list[trio.SocketStream] = []
-
-                async def accept(lst: trio.SocketListener) -> None:
-                    stream = await lst.accept()
-                    got.append(stream)
-                    nursery.cancel_scope.cancel()
-
                 for lst in listeners:
                     nursery.start_soon(accept, lst)
+                await mig.finished.wait()
+                nursery.cancel_scope.cancel()
         finally:
             for lst in listeners:
                 await lst.aclose()
             self.recover_listening = []
-        for stream in got:
-            if not mig.recover(stream):
-                self.log.error("postcopy recovery: connection not wanted any more")
-                await stream.aclose()
 
     async def listen(self, host: str, port: int) -> None:
         assert self._nursery is not None
@@ -180,6 +185,8 @@ class DestDaemon(DaemonShell):
             while True:
                 stream = await listener.accept()
                 peer = _peer(stream)
+                if self._current is not None and self._current.attach_preempt(stream):
+                    continue  # the running migration's postcopy-preempt channel
                 if self._busy or self.holder.guest is not None:
                     why = (
                         "a migration is already in progress"

@@ -97,6 +97,8 @@ class IncomingInfo:
     postcopy_state: str | None = None  # set once POSTCOPY_ADVISE arrived
     postcopy_requests: int = 0  # pages requested over the return path
     postcopy_faults: dict[str, Any] | None = None  # the running guest's fault statistics
+    preempt_channels: int = 0  # postcopy-preempt connections accepted
+    preempt_pages: int = 0  # pages placed from them
 
     def total_time_ms(self) -> int:
         end = self.end_time if self.end_time is not None else time.monotonic()
@@ -172,6 +174,9 @@ class IncomingMigration:
         self._recv_size = RECV_SIZE
         self._fault_task = False  # a running guest's faults are served (native guest, postcopy)
         self._awaited: np.ndarray | None = None  # faulted pages not placed yet
+        self._preempt_open = False  # a postcopy-preempt channel is being read
+        self._preempt_done = trio.Event()
+        self.finished = trio.Event()  # run() returned: no more connections for this migration
         self._fault_seen: dict[int, int] = {}  # faulted page -> monotonic_ns its fault was read
         self.service_ns: list[int] = []  # per faulted page: fault read here -> page placed
 
@@ -214,6 +219,7 @@ class IncomingMigration:
             self.log.exception("internal error during incoming migration")
             await self._fail(self._stream, f"internal error: {type(err).__name__}: {err}")
         finally:
+            self.finished.set()
             if self._stream is not stream:  # a recovery connection: ours to close
                 with _ignore_io():
                     await self._stream.aclose()
@@ -444,7 +450,11 @@ class IncomingMigration:
         elif isinstance(ev, EndOfStream):
             self._eof = True
             if self.pc.state is PostcopyState.RUNNING:
-                # postcopy ends with EOF and no VMDESCRIPTION: every page must be here by now
+                # postcopy ends with EOF and no VMDESCRIPTION: every page must be here by now,
+                # those sent on the preempt channel included (its EOS comes before our EOF)
+                if self._preempt_open:
+                    with trio.move_on_after(self.params.x_completion_timeout):
+                        await self._preempt_done.wait()
                 missing = self._missing_count()
                 if missing:
                     rm = self.received_map
@@ -637,6 +647,64 @@ class IncomingMigration:
             "service-p50-us": round(float(np.percentile(a, 50)), 1),
             "service-p99-us": round(float(np.percentile(a, 99)), 1),
         }
+
+    def attach_preempt(self, stream: trio.SocketStream) -> bool:
+        """A second connection during postcopy with postcopy-preempt on: the source's channel for
+        requested pages (WIRE.md §6.7). False if this migration does not want one now."""
+        if (
+            not self.caps["postcopy-preempt"]
+            or self._nursery is None
+            or self._dec is None
+            or self._preempt_open
+            or self.pc.state is PostcopyState.NONE
+        ):
+            return False
+        self._preempt_open = True
+        self._preempt_done = trio.Event()
+        self.info.preempt_channels += 1
+        self._nursery.start_soon(self._receive_preempt, stream)
+        return True
+
+    async def _receive_preempt(self, stream: trio.SocketStream) -> None:
+        assert self._dec is not None
+        ram_id = next((i for i, name in self._dec.sections.items() if name == "ram"), 0)
+        dec = MainDecoder(
+            zero_copy=True,
+            expect_header=False,
+            known_blocks=self._dec.blocks,
+            ram_channel=ram_id,
+            initial_capacity=4 * POSTCOPY_RECV_SIZE,
+            channel="postcopy-preempt",
+        )
+        tune_socket(stream.socket)
+        raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self.log.info("postcopy-preempt channel open", peer=_peer_of(stream))
+        try:
+            async with stream:
+                while not dec.finished:
+                    got, eof = _drain(raw, dec, POSTCOPY_RECV_SIZE)
+                    if not got and not eof:
+                        await trio.lowlevel.wait_readable(raw)
+                        continue
+                    self.info.stats.transferred += got
+                    for ev in dec.events():
+                        if isinstance(ev, (Pages, ZeroPages)):
+                            self.info.preempt_pages += len(ev.offsets)
+                            await self._handle(ev, stream)
+                        elif not isinstance(ev, RamEos):
+                            raise IncomingError(f"{type(ev).__name__} on the postcopy-preempt channel")
+                    self._wake_if_placed()
+                    if eof:
+                        dec.end_of_input()
+                        break
+        except (ProtocolError, IncomingError, OSError, trio.BrokenResourceError) as err:
+            # the main channel decides: a broken link pauses postcopy, and after recovery the
+            # source opens a new preempt channel (pages still missing are requested again)
+            self.log.error("postcopy-preempt channel failed", error=str(err))
+        finally:
+            raw.close()
+            self._preempt_open = False
+            self._preempt_done.set()
 
     def _wake_if_placed(self) -> None:
         awaited = self._awaited

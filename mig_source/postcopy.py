@@ -255,37 +255,100 @@ class PostcopySource:
         section_id: int,
         check: Callable[[], None],
         send: Callable[[Any], Any],
+        urgent: Any,
+        send_urgent: Callable[[Any], Any],
+        *,
+        preempt: bool = False,
     ) -> None:
-        """RAM PART sections until nothing is left, requests first; then RAM END and EOF.
+        """RAM PART sections until nothing is left, requests first; the caller ends the stream
+        (:meth:`end_of_stream`).
 
         ``send`` sends without rate limit; background pages are accounted to ``sender.limiter``
-        afterwards, and its waits end early when a request arrives."""
+        afterwards, and its waits end early when a request arrives. Requested pages are encoded
+        by ``urgent`` (a PageSender) and sent by ``send_urgent``. On the main channel they go
+        between two background batches; with ``preempt`` (a postcopy-preempt channel) a task of
+        their own sends them the moment they are asked for, while a background batch may still
+        be on its way."""
         await sender.send(enc.encode(SectionPart(section_id)))
+        try:
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
+                if preempt:
+                    nursery.start_soon(self._urgent_loop, urgent, send_urgent, done)
+                await self._background_loop(
+                    sender, enc, section_id, check, send, urgent, send_urgent, preempt
+                )
+                done.set()
+                self.requests.arrived.set()  # wakes the urgent loop to see that we are done
+        except BaseExceptionGroup as group:
+            # a broken link must reach the migration as itself (it pauses on it), not in a group
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        self.stats.remaining = 0
+        self.log.info(
+            "postcopy: all pages sent",
+            requests=self.requests.count,
+            requested_pages_sent=self.requested_pages_sent,
+        )
+
+    async def _urgent_loop(self, urgent: Any, send_urgent: Callable[[Any], Any], done: trio.Event) -> None:
+        while True:
+            if await self._serve_requests(urgent, send_urgent):
+                continue
+            if done.is_set():
+                return
+            await self.requests.arrived.wait()
+
+    async def _serve_requests(self, urgent: Any, send_urgent: Callable[[Any], Any]) -> int:
+        """Send every page asked for so far that is still ours to send; returns how many."""
+        reqs = self.requests.take()
+        if not reqs:
+            return 0
+        blocks = self.guest.blocks
+        # everything asked for so far, per block, in one encode and one send each
+        wanted: dict[str, list[np.ndarray]] = {}
+        for name, first, n in reqs:
+            wanted.setdefault(name, []).append(np.arange(first, first + n))
+        sent = 0
+        for name, parts in wanted.items():
+            mask = self.remaining[name]
+            idx = np.unique(np.concatenate(parts))
+            idx = idx[mask[idx]]  # already sent: it is on its way (or there)
+            if not len(idx):
+                continue
+            mask[idx] = False
+            self.left -= len(idx)
+            bufs = list(urgent._batches(name, blocks[name].pages, idx, self.holes[name]))
+            # a record must never be cut short on its channel: finish the send even if cancelled
+            with trio.CancelScope(shield=True):
+                await send_urgent(bufs[0] if len(bufs) == 1 else np.concatenate(bufs))
+            self.requested_pages_sent += len(idx)
+            sent += len(idx)
+        self.stats.remaining = self.left * PAGE
+        return sent
+
+    async def _background_loop(
+        self,
+        sender: Any,
+        enc: MainEncoder,
+        section_id: int,
+        check: Callable[[], None],
+        send: Callable[[Any], Any],
+        urgent: Any,
+        send_urgent: Callable[[Any], Any],
+        preempt: bool,
+    ) -> None:
         in_section = 0
         not_before = 0.0  # the rate limit's next send time for background pages
         blocks = self.guest.blocks
         while True:
             check()
-            reqs = self.requests.take()
-            if reqs:
-                # everything asked for so far, per block, in one encode and one send each
-                wanted: dict[str, list[np.ndarray]] = {}
-                for name, first, n in reqs:
-                    wanted.setdefault(name, []).append(np.arange(first, first + n))
-                for name, parts in wanted.items():
-                    mask = self.remaining[name]
-                    idx = np.unique(np.concatenate(parts))
-                    idx = idx[mask[idx]]  # already sent: it is on its way (or there)
-                    if not len(idx):
-                        continue
-                    mask[idx] = False
-                    self.left -= len(idx)
-                    bufs = list(sender._batches(name, blocks[name].pages, idx, self.holes[name]))
-                    await send(bufs[0] if len(bufs) == 1 else np.concatenate(bufs))
-                    self.requested_pages_sent += len(idx)
-                    in_section += len(idx)
-                self.stats.remaining = self.left * PAGE
-                continue
+            if not preempt:
+                n = await self._serve_requests(urgent, send_urgent)
+                if n:
+                    in_section += n
+                    continue
             now = time.monotonic()
             if not_before > now:
                 # over max-postcopy-bandwidth: wait, but never with a request waiting behind us
@@ -294,7 +357,7 @@ class PostcopySource:
                 continue
             nxt = self._next_background(BACKGROUND_BATCH)
             if nxt is None:
-                break
+                return
             name, idx = nxt
             self.remaining[name][idx] = False
             self.left -= len(idx)
@@ -311,18 +374,15 @@ class PostcopySource:
                     + enc.encode(SectionPart(section_id))
                 )
                 in_section = 0
-        self.stats.remaining = 0
-        await sender.send(
+
+    @staticmethod
+    def end_of_stream(enc: MainEncoder, section_id: int) -> bytes:
+        """Close the open PART section, then RAM END and EOF (no vmdesc in postcopy)."""
+        return (
             enc.encode(RamEos())
             + enc.encode(SectionFooter(section_id))
             + enc.encode(SectionEnd(section_id))
             + enc.encode(RamEos())
             + enc.encode(SectionFooter(section_id))
             + enc.encode(EndOfStream())
-        )
-        self.log.info(
-            "postcopy: all pages sent",
-            requests=self.requests.count,
-            requested_pages_sent=self.requested_pages_sent,
-            at=time.monotonic(),
         )

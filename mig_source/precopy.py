@@ -367,6 +367,7 @@ class PrecopyMigration:
         self.pc: PostcopySource | None = None  # set at the postcopy switch
         self._resume_requested = trio.Event()
         self._resume_uri = uri
+        self._conn_uri = uri  # the current connection's (a preempt channel goes there too)
         self._last_devices: list[Any] = []
 
     # ------------------------------------------------------------------ entry point
@@ -397,6 +398,9 @@ class PrecopyMigration:
             self._fail(f"return path: {err}")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
             self._fail(f"connection to the destination failed: {_describe_io_error(err)}")
+        except Exception as err:  # a bug of ours must fail this migration, not kill the daemon
+            self.log.exception("internal error during migration")
+            self._fail(f"internal error: {type(err).__name__}: {err}")
         finally:
             info.end_time = time.monotonic()
             with trio.CancelScope(shield=True):
@@ -461,6 +465,7 @@ class PrecopyMigration:
             self.status.to(MigrationStatus.POSTCOPY_RECOVER)
             try:
                 stream = await self._connect(self._resume_uri)
+                self._conn_uri = self._resume_uri
             except MigrationError as cerr:
                 self.info.error_desc = f"postcopy paused: {cerr}"
                 self.log.warning("postcopy recovery: cannot reconnect", error=str(cerr))
@@ -790,14 +795,55 @@ class PrecopyMigration:
         limiter = RateLimiter(self.params, "max_postcopy_bandwidth")
         sender = PageSender(stream, enc, self.info.ram, limiter, None)
 
-        async def send_now(buf: Any) -> None:
-            data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else buf
-            await stream.send_all(data)
-            self.info.ram.transferred += len(data)
+        def sending(s: trio.SocketStream) -> Callable[[Any], Any]:
+            async def send(buf: Any) -> None:
+                data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else buf
+                await s.send_all(data)
+                self.info.ram.transferred += len(data)
 
-        await self.pc.stream_pages(sender, enc, RAM_SECTION_ID, self._check_return_path, send_now)
+            return send
+
+        preempt = await self._open_preempt() if self.caps["postcopy-preempt"] else None
+        try:
+            if preempt is None:
+                urgent, send_urgent = sender, sending(stream)
+            else:  # requested pages on their own connection, with their own CONTINUE state
+                urgent = PageSender(preempt, MainEncoder(), self.info.ram, limiter, None)
+                send_urgent = sending(preempt)
+            await self.pc.stream_pages(
+                sender,
+                enc,
+                RAM_SECTION_ID,
+                self._check_return_path,
+                sending(stream),
+                urgent,
+                send_urgent,
+                preempt=preempt is not None,
+            )
+            if preempt is not None:
+                # its EOS before the main EOF: the destination then has every requested page
+                await send_urgent(urgent.enc.encode(RamEos()))
+        finally:
+            if preempt is not None:
+                with trio.CancelScope(shield=True):
+                    await preempt.aclose()
+        await sender.send(self.pc.end_of_stream(enc, RAM_SECTION_ID))
         await self._await_completion(stream)
         self._completed()
+
+    async def _open_preempt(self) -> trio.SocketStream | None:
+        """The postcopy-preempt channel (WIRE.md §6.7): a second connection to the destination;
+        without it requested pages go on the main channel."""
+        try:
+            preempt = await self._connect(self._conn_uri)
+        except MigrationError as err:
+            self.log.warning(
+                "postcopy-preempt channel not opened; requested pages use the main channel", error=str(err)
+            )
+            return None
+        preempt.socket.setsockopt(socket.SOL_SOCKET, socket.TCP_NODELAY, 1)
+        self.log.info("postcopy-preempt channel open")
+        return preempt
 
     async def _resume_postcopy(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         """The recovery handshake on a new connection, then the rest of the pages."""

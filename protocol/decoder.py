@@ -170,6 +170,7 @@ class MainDecoder:
         sections: Mapping[int, str] | None = None,
         lenient_blocks: bool = False,
         assume_ram_section: bool = False,
+        ram_channel: int | None = None,
         max_device_area: int = 256 << 20,
         max_packaged: int = MAX_PACKAGED,
         base_offset: int = 0,
@@ -182,6 +183,8 @@ class MainDecoder:
         started (id -> idstr), likewise. ``lenient_blocks`` accepts page records for blocks never
         announced (for analysing a resumed stream without its first half);
         ``assume_ram_section`` treats a PART/END of an unknown id as the RAM section (likewise).
+        ``ram_channel``: the stream is a postcopy-preempt channel (WIRE.md §6.7): bare RAM records
+        of the RAM section with this id, with their own CONTINUE state, ended by one EOS.
         """
         self._buf = np.empty(initial_capacity, dtype=np.uint8)
         self._r = 0  # first unparsed byte
@@ -213,6 +216,11 @@ class MainDecoder:
         self._vmdesc_checked_upto = 0
         self._pending: list[Event] = []
         self._error: ProtocolError | None = None
+        self._ram_channel = ram_channel is not None
+        if ram_channel is not None:
+            self._state = _State.RAM_BODY
+            self._cur_section = ram_channel
+            self._sections.setdefault(ram_channel, "ram")
         self._ended = False
         self.bytes_consumed = 0  # bytes fully parsed into events
 
@@ -636,6 +644,9 @@ class MainDecoder:
             if offset:
                 raise self._fail(f"EOS record with non-zero offset bits 0x{offset:x}", at)
             self._advance(rd)
+            if self._ram_channel:  # the preempt channel ends here
+                self._state = _State.DONE
+                return RamEos()
             self._state = _State.FOOTER if self._footers else _State.TOP
             if not self._footers:
                 self._cur_section = None

@@ -26,10 +26,16 @@ PAGE = 4096
 SLOW = 32 * MiB  # bytes/s: far below what the workload dirties
 
 
-async def enable_postcopy(src: Daemon, dst: Daemon, **params: int) -> None:
-    await src.set_capabilities(postcopy_ram=True)
-    await dst.set_capabilities(postcopy_ram=True)
+async def enable_postcopy(src: Daemon, dst: Daemon, *, preempt: bool = False, **params: int) -> None:
+    await src.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
+    await dst.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
     await src.set_parameters(**{"max_bandwidth": SLOW, **params})
+
+
+def faults_min(dst_info: dict[str, Any]) -> int:
+    """Requested pages that came on the preempt channel: at least one per fault that was not
+    served by a background page first (some are), and never more than were requested."""
+    return 1 if dst_info["x-postcopy-requests"] else 0
 
 
 async def assert_clean(d: Daemon, pages: int) -> dict[str, Any]:
@@ -63,14 +69,16 @@ async def test_postcopy_auto_switch_paused_destination_is_identical(daemons: Dae
         await assert_clean(dst, 128 * MiB // PAGE)
 
 
-async def test_postcopy_running_destination_faults_pages_in(daemons: Daemons) -> None:
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt-channel"])
+async def test_postcopy_running_destination_faults_pages_in(daemons: Daemons, preempt: bool) -> None:
     """migrate-start-postcopy during the first pass; the destination's vCPU runs at once and
-    faults: its requests are served first while background pages stream."""
+    faults: its requests are served first while background pages stream (with postcopy-preempt,
+    requested pages come on a second connection)."""
     async with (
         daemons.dest(paused=False) as dst,
         daemons.source(ram="128M", fill="random", workload="hotset:rate=max,size=32M") as src,
     ):
-        await enable_postcopy(src, dst, max_postcopy_bandwidth=64 * MiB)
+        await enable_postcopy(src, dst, preempt=preempt, max_postcopy_bandwidth=64 * MiB)
         await src.migrate_to(dst)
         await src.execute("migrate-start-postcopy")
         seen: set[str] = set()
@@ -79,6 +87,11 @@ async def test_postcopy_running_destination_faults_pages_in(daemons: Daemons) ->
         assert_completed(src_info)
         assert_completed(dst_info, "dest")
         assert "postcopy-active" in seen, seen
+        if preempt:  # requested pages came on the preempt channel
+            assert dst_info["x-postcopy-preempt"]["channels"] == 1, dst_info
+            assert dst_info["x-postcopy-preempt"]["pages"] >= faults_min(dst_info), dst_info
+        else:
+            assert "x-postcopy-preempt" not in dst_info, dst_info
         assert src_info["ram"]["postcopy-requests"] > 0, src_info
         assert src_info["ram"]["postcopy-requests"] == dst_info["x-postcopy-requests"], (src_info, dst_info)
         faults = dst_info["x-postcopy-faults"]
@@ -91,9 +104,12 @@ async def test_postcopy_running_destination_faults_pages_in(daemons: Daemons) ->
         await assert_clean(dst, 128 * MiB // PAGE)
 
 
-async def test_postcopy_recovers_from_three_broken_links(daemons: Daemons) -> None:
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt-channel"])
+async def test_postcopy_recovers_from_three_broken_links(daemons: Daemons, preempt: bool) -> None:
     """A proxy cuts the connection three times during postcopy; each time both sides pause and
-    recover (migrate-recover, migrate resume); no page is lost."""
+    recover (migrate-recover, migrate resume); no page is lost. With postcopy-preempt the
+    requested-pages channel is cut too, and opened again after each recovery."""
+    channels = 2 if preempt else 1
     async with (
         daemons.dest(paused=False) as dst,
         daemons.source(ram="128M", fill="random", workload="hotset:rate=max,size=32M") as src,
@@ -103,13 +119,13 @@ async def test_postcopy_recovers_from_three_broken_links(daemons: Daemons) -> No
         proxy = CutProxy(dst.port)
         await nursery.start(proxy.serve)
         # slow background streaming: postcopy lasts long enough to be cut three times
-        await enable_postcopy(src, dst, max_postcopy_bandwidth=12 * MiB)
+        await enable_postcopy(src, dst, preempt=preempt, max_postcopy_bandwidth=12 * MiB)
         await src.execute("migrate", {"uri": proxy.uri})
         await src.execute("migrate-start-postcopy")
         await src.wait_migration({"postcopy-active"}, timeout=20)
         for cut in range(3):
             await trio.sleep(0.8)
-            assert proxy.cut() == 1, f"cut {cut}: no connection to cut"
+            assert proxy.cut() == channels, f"cut {cut}: not every channel was open"
             s = await src.wait_migration({"postcopy-paused"}, timeout=20)
             d = await dst.wait_migration({"postcopy-paused"}, timeout=20)
             assert "postcopy paused" in s.get("error-desc", ""), s
@@ -126,7 +142,7 @@ async def test_postcopy_recovers_from_three_broken_links(daemons: Daemons) -> No
         nursery.cancel_scope.cancel()
         assert_completed(src_info)
         assert_completed(dst_info, "dest")
-        assert proxy.connections == 4 and proxy.cuts == 3
+        assert proxy.connections == 4 * channels and proxy.cuts == 3
         await assert_clean(dst, 128 * MiB // PAGE)
 
 
