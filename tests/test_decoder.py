@@ -262,3 +262,47 @@ def test_errors_are_sticky() -> None:
         dec.next_event()
     with pytest.raises(ProtocolError):
         dec.next_event()
+
+
+# ---- postcopy-preempt channel: bare RAM records ended by EOS (WIRE.md 6.7)
+
+
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=20), st.integers(1, 5000))
+def test_preempt_channel_round_trip_any_chunking(pages: list[int], chunk: int) -> None:
+    from protocol.encoder import MainEncoder
+    from protocol.events import Pages, RamEos
+
+    enc = MainEncoder()
+    offsets = np.array(pages, np.uint64) * 4096
+    data = np.repeat(np.arange(len(pages), dtype=np.uint8)[:, None] + 1, 4096, axis=1)
+    stream = enc.pages("pc.ram", offsets, data).tobytes() + enc.encode(RamEos())
+    dec = MainDecoder(expect_header=False, known_blocks={"pc.ram": 256 * 4096}, ram_channel=2)
+    got: list = []
+    for i in range(0, len(stream), chunk):
+        dec.feed(stream[i : i + chunk])
+        got += list(dec.events())
+    got += dec.end_of_input()
+    assert dec.finished
+    assert isinstance(got[-1], RamEos)
+    pages_evs = [e for e in got if isinstance(e, Pages)]
+    assert np.concatenate([e.offsets for e in pages_evs]).tolist() == offsets.tolist()
+    assert np.array_equal(np.concatenate([e.data for e in pages_evs]), data)
+
+
+def test_preempt_channel_rejects_sections_and_trailing_data() -> None:
+    from protocol.encoder import MainEncoder
+    from protocol.errors import ProtocolError
+    from protocol.events import RamEos, SectionPart
+
+    enc = MainEncoder()
+    for bad in (enc.encode(SectionPart(2)), enc.encode(RamEos()) + b"\x00"):
+        dec = MainDecoder(expect_header=False, known_blocks={"pc.ram": 4096}, ram_channel=2)
+        dec.feed(bad)
+        with pytest.raises(ProtocolError):
+            list(dec.events())
+            dec.end_of_input()
+    dec = MainDecoder(expect_header=False, known_blocks={"pc.ram": 4096}, ram_channel=2)
+    dec.feed(enc.pages("pc.ram", np.array([0], np.uint64), np.zeros((1, 4096), np.uint8)).tobytes()[:100])
+    list(dec.events())
+    with pytest.raises(ProtocolError, match="RAM section"):
+        dec.end_of_input()
