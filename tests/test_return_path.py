@@ -432,3 +432,37 @@ def test_end_of_input_returns_pending_events_and_closes() -> None:
     assert dec.offset == 16 and dec.pending == 0
     with pytest.raises(RuntimeError):
         dec.feed(PONG1)
+
+
+# ---- the REQ_PAGES fast path (struct) against the construct definitions
+
+
+@given(
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, (1 << 32) - 1),
+    st.one_of(st.none(), st.text(min_size=1, max_size=40).filter(lambda t: len(t.encode()) <= 255)),
+)
+def test_req_pages_fast_encode_is_byte_identical(start: int, length: int, block: str | None) -> None:
+    from protocol.return_path import encode_req_pages, encode_rp_construct
+
+    ev = RpReqPages(start, length, block)
+    assert encode_req_pages(start, length, block) == encode_rp_construct(ev) == encode_rp(ev)
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 32) - 1), st.binary(max_size=8))
+def test_req_pages_fast_decode_matches_construct(start: int, length: int, junk: bytes) -> None:
+    from protocol.return_path import encode_rp_construct
+    from protocol.wire import RP_PAYLOADS, RpMessage
+
+    first = encode_rp_construct(RpReqPages(0, 4096, "b"))
+    msg = encode_rp_construct(RpReqPages(start, length, None))
+    dec = ReturnPathDecoder()
+    dec.feed(first + msg)
+    evs = list(dec.events())
+    ref = RP_PAYLOADS[RpMessage.REQ_PAGES].parse(msg[4:])
+    assert evs[1] == RpReqPages(ref.start, ref.length, None)
+    # a REQ_PAGES whose length field lies is refused before the payload is read
+    bad = ReturnPathDecoder()
+    bad.feed(first + msg[:2] + (12 + len(junk) + 1).to_bytes(2, "big") + msg[4:] + junk + b"x")
+    with pytest.raises(ProtocolError):
+        list(bad.events())
