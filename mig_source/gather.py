@@ -48,39 +48,40 @@ def sendmsg_all(fd: int, iov: np.ndarray, abort: threading.Event | None = None) 
     """Write every byte ``iov`` (an (n, 2) uint64 array of address, length) describes to the
     stream socket ``fd``, never blocking in the kernel: waits for room with poll(), looking at
     ``abort`` at least every 0.1 s. Returns the bytes written (fewer only if aborted)."""
-    iov = np.array(iov, dtype=np.uint64, order="C")  # our copy: partial sends edit it
     n_seg = len(iov)
+    if not n_seg:
+        return 0
+    base = np.ascontiguousarray(iov, dtype=np.uint64)
+    ends = np.cumsum(base[:, 1])  # stream offset where each segment ends
+    total = int(ends[-1])
+    work = base.copy()  # a partial send advances the first unfinished segment in here
     msg = _MsgHdr()
-    poller: select.poll | None = None
-    start = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    start = 0  # first segment not completely written
     sent = 0
-    while start < n_seg:
+    while sent < total:
         if abort is not None and abort.is_set():
             return sent
         count = min(n_seg - start, IOV_MAX)
-        msg.msg_iov = iov.ctypes.data + start * 16
+        msg.msg_iov = work.ctypes.data + start * 16
         msg.msg_iovlen = count
         n = _sendmsg(fd, ctypes.byref(msg), MSG_DONTWAIT | MSG_NOSIGNAL)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                if poller is None:
-                    poller = select.poll()
-                    poller.register(fd, select.POLLOUT)
                 poller.poll(100)
                 continue
             if err == errno.EINTR:
                 continue
             raise OSError(err, os.strerror(err))
         sent += n
-        lens = iov[start : start + count, 1]
-        done = np.cumsum(lens)
-        full = int(np.searchsorted(done, n, side="right"))  # segments written completely
-        if full < count:
-            part = n - (int(done[full - 1]) if full else 0)
-            iov[start + full, 0] += np.uint64(part)
-            iov[start + full, 1] -= np.uint64(part)
-        start += full
+        if sent == total:
+            break
+        start = int(np.searchsorted(ends, sent, side="right"))
+        done_in_seg = sent - (int(ends[start - 1]) if start else 0)
+        work[start, 0] = base[start, 0] + np.uint64(done_in_seg)
+        work[start, 1] = base[start, 1] - np.uint64(done_in_seg)
     return sent
 
 
