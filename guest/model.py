@@ -284,6 +284,15 @@ class Guest:
             if self._vcpu is None:
                 self._vcpu = VcpuProcess(timeout=self.control_timeout)
 
+    def adopt_vcpu(self, vcpu: VcpuProcess) -> None:
+        """Use an idle vCPU process spawned earlier (a daemon's spare) instead of spawning one:
+        its interpreter start-up then happened before the migration, not during it."""
+        with self._lock:
+            self._check_open()
+            if self._vcpu is not None:
+                raise RuntimeError("this guest already has a vCPU process")
+            self._vcpu = vcpu
+
     @property
     def vcpu_pid(self) -> int | None:
         return None if self._vcpu is None else self._vcpu.pid

@@ -49,6 +49,10 @@ class DestDaemon(DaemonShell):
         self.store = store
         self.prealloc = prealloc
         self.pool: Any = None  # guest.ram.RamPool being (or already) populated
+        # an idle vCPU process spawned while no migration runs: a received guest of our model
+        # takes it, so ~0.2 core-s of interpreter start-up does not compete with the stream
+        self.spare_vcpu: Any = None
+        self._spawning = False
         self.paused = paused
         self.info = IncomingInfo()
         self.listening: list[str] = []
@@ -56,6 +60,8 @@ class DestDaemon(DaemonShell):
         self.refused = 0
         self._busy = False
         self._current: IncomingMigration | None = None
+        self._idle = trio.Event()  # set while no incoming migration runs
+        self._idle.set()
         super().__init__(guest=None, caps=caps, params=params, log=log)
 
     def register(self, reg: CommandRegistry) -> None:
@@ -187,6 +193,11 @@ class DestDaemon(DaemonShell):
                 peer = _peer(stream)
                 if self._current is not None and self._current.attach_preempt(stream):
                     continue  # the running migration's postcopy-preempt channel
+                if self._busy and self.status.status is MigrationStatus.FAILED:
+                    # the last attempt failed and is only releasing its guest (closing its vCPU
+                    # process takes tens of ms): a source that retries at once waits, not refused
+                    with trio.move_on_after(5):
+                        await self._idle.wait()
                 if self._busy or self.holder.guest is not None:
                     why = (
                         "a migration is already in progress"
@@ -198,6 +209,7 @@ class DestDaemon(DaemonShell):
                     await stream.aclose()
                     continue
                 self._busy = True
+                self._idle = trio.Event()
                 assert self._nursery is not None
                 self._nursery.start_soon(self._incoming, stream, peer)
 
@@ -209,7 +221,45 @@ class DestDaemon(DaemonShell):
         if pool is not None:
             self.pool = None
         native = machine_type == MODEL_MACHINE_TYPE
-        return Guest.from_block_list(blocks, pool=pool, native_devices=native)
+        vcpu = None
+        if native and self.spare_vcpu is not None:
+            vcpu, self.spare_vcpu = self.spare_vcpu, None
+            if vcpu.poll() is not None:  # died while idle: the guest spawns its own
+                vcpu.close()
+                vcpu = None
+        guest = Guest.from_block_list(blocks, pool=pool, native_devices=native, prespawn_vcpu=vcpu is None)
+        if vcpu is not None:
+            try:
+                guest.adopt_vcpu(vcpu)
+            except BaseException:
+                vcpu.close()
+                guest.close()
+                raise
+        return guest
+
+    async def _spawn_spare_vcpu(self) -> None:
+        """Spawn the spare vCPU process and wait until it answers (its start-up message is then
+        consumed, so it can stay idle for any time). A failure only costs start-up time later."""
+        from guest.vcpu import VcpuError, VcpuProcess
+
+        if self.spare_vcpu is not None or self.holder.guest is not None or self._spawning:
+            return
+        self._spawning = True
+        try:
+            vcpu = await trio.to_thread.run_sync(VcpuProcess)
+            try:
+                await trio.to_thread.run_sync(vcpu.fence)
+            except BaseException:
+                vcpu.close()  # not awaited: a cancelled task must still not leak the process
+                raise
+            if self.holder.guest is None and self.spare_vcpu is None:
+                self.spare_vcpu = vcpu
+            else:
+                await trio.to_thread.run_sync(vcpu.close)
+        except (OSError, VcpuError) as err:
+            self.log.warning("could not spawn a spare vCPU process", error=str(err))
+        finally:
+            self._spawning = False
 
     async def _refill_pool(self) -> None:
         """Preallocate guest memory in the background (QEMU's -mem-prealloc)."""
@@ -248,8 +298,10 @@ class DestDaemon(DaemonShell):
         finally:
             self._busy = False
             self._current = None
+            self._idle.set()
         if self.holder.guest is None and self._nursery is not None:
             self._nursery.start_soon(self._refill_pool)  # the failed attempt used the pool
+            self._nursery.start_soon(self._spawn_spare_vcpu)
 
     def _postcopy_guest(self, guest: Any) -> None:
         self.holder.guest = guest
@@ -288,6 +340,7 @@ class DestDaemon(DaemonShell):
         self._nursery = nursery
         self.server = server
         nursery.start_soon(self._refill_pool)
+        nursery.start_soon(self._spawn_spare_vcpu)
         if listen is not None:
             await self.listen(*listen)
         await trio.sleep_forever()
@@ -378,4 +431,6 @@ def main(argv: list[str] | None = None) -> int:
             daemon.holder.guest.close()
         if daemon.pool is not None:
             daemon.pool.close()
+        if daemon.spare_vcpu is not None:
+            daemon.spare_vcpu.close()
     return 0

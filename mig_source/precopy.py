@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import select
 import socket
 import threading
 import time
@@ -36,7 +34,7 @@ import trio
 
 from control.daemon_common import tune_socket
 from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
-from protocol.encoder import MainEncoder
+from protocol.encoder import MainEncoder, PageIov
 from protocol.errors import ProtocolError
 from protocol.events import (
     Configuration,
@@ -60,10 +58,12 @@ from protocol.events import (
 )
 from protocol.return_path import ReturnPathDecoder
 
+from .gather import buffer_iov, sendmsg_all
 from .postcopy import PostcopyError, PostcopySource
 
 PAGE = 4096
-BATCH_PAGES = 256  # 1 MiB of pages per send: big enough for numpy, small enough to stay in cache
+BATCH_PAGES = 256  # 1 MiB of pages per encoded buffer (the XBZRLE path)
+GATHER_PAGES = 512  # pages per sendmsg (2 segments each: IOV_MAX is 1024)
 RAM_SECTION_ID = 2  # QEMU's savevm registers "ram" as the third handler; any value works
 PART_BYTES = 64 << 20  # close a PART section after this much so cancel/sync points stay near
 POSTCOPY_CHECK_BYTES = 4 << 20  # with postcopy-ram: how often a pass looks for the switch
@@ -186,10 +186,10 @@ class PageSender:
         ``holes`` marks pages the memory backend has never allocated: they are zero without
         being read (reading would make the kernel allocate them)."""
         before = self.stats.transferred
-        batches = self._batches(name, pages, idx, holes)
         if self.xbzrle is None:
-            await self._send_in_threads(batches)
+            await self._send_in_thread(self._batches(name, pages, idx, holes, gather=True))
         else:
+            batches = self._batches(name, pages, idx, holes)
             for item in batches:
                 if isinstance(item, np.ndarray):
                     await self.send(item)
@@ -198,10 +198,13 @@ class PageSender:
         return self.stats.transferred - before
 
     def _batches(
-        self, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray | None
-    ) -> Iterator[np.ndarray | tuple[str, np.ndarray]]:
+        self, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray | None, gather: bool = False
+    ) -> Iterator[np.ndarray | PageIov | tuple[str, np.ndarray]]:
         """Encoded record buffers for ``idx``, batch by batch; with XBZRLE active, the normal
-        pages of a batch come out as ("xbzrle", page numbers) for the caller to encode."""
+        pages of a batch come out as ("xbzrle", page numbers) for the caller to encode.
+
+        With ``gather`` the normal pages come out as a ``PageIov`` (headers plus addresses in
+        guest RAM, for sendmsg): no page is copied in user space."""
         if holes is not None:
             known_zero = holes[idx]
             if known_zero.any():
@@ -211,17 +214,28 @@ class PageSender:
                     yield self.enc.zero_pages(name, part.astype(np.uint64) * PAGE)
                     self._note_zero(name, part)
                 idx = idx[~known_zero]
-        scratch = np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
-        for a in range(0, len(idx), BATCH_PAGES):
-            chunk = idx[a : a + BATCH_PAGES]
+        scratch = None if gather else np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
+        batch = GATHER_PAGES if gather else BATCH_PAGES
+        for a in range(0, len(idx), batch):
+            chunk = idx[a : a + batch]
             first, last = int(chunk[0]), int(chunk[-1])
-            if last - first == len(chunk) - 1:
-                src = pages[first : last + 1]  # a view: no copy for runs of dirty pages
+            contiguous = last - first == len(chunk) - 1
+            # a page being written by the vCPU right now may be torn (here, or in the kernel's
+            # copy during sendmsg): its dirty bit is set again after our sync and the next pass
+            # sends it again, exactly as in QEMU; at stop-and-copy the guest is stopped
+            if gather:
+                src = pages
+                if contiguous:
+                    zero = zero_pages_mask(pages[first : last + 1])
+                else:
+                    zero = zero_pages_mask(pages, chunk)
             else:
-                src = np.take(pages, chunk, axis=0, out=scratch[: len(chunk)])
-            # a page being written by the vCPU right now may be torn here: its dirty bit is
-            # set again and the next pass sends it again, exactly as in QEMU
-            zero = zero_pages_mask(src)
+                if contiguous:
+                    src = pages[first : last + 1]  # a view: no copy for runs of dirty pages
+                else:
+                    assert scratch is not None
+                    src = np.take(pages, chunk, axis=0, out=scratch[: len(chunk)])
+                zero = zero_pages_mask(src)
             nz = int(np.count_nonzero(zero))
             if nz:
                 zidx = chunk[zero]
@@ -234,7 +248,10 @@ class PageSender:
             if self.xbzrle is not None and self.sync_round >= 2:
                 yield ("xbzrle", normal)
                 continue
-            yield self.enc.pages_from(name, normal.astype(np.uint64) * PAGE, src, rows)
+            if gather:
+                yield self.enc.pages_iov(name, pages, normal)
+            else:
+                yield self.enc.pages_from(name, normal.astype(np.uint64) * PAGE, src, rows)
             self.stats.normal += len(normal)
             self.stats.normal_bytes += len(normal) * PAGE
 
@@ -244,22 +261,22 @@ class PageSender:
             base = self.xbzrle_bases[name]
             self.xbzrle.cache_zero_pages(base + zidx.astype(np.int64) * PAGE, self.sync_round)
 
-    async def _send_in_threads(self, batches: Iterator[Any]) -> None:
-        """Encode and send in two worker threads so that encoding the next batch overlaps the
-        kernel's copy of this one (numpy and send() both release the GIL).
+    async def _send_in_thread(self, batches: Iterator[Any]) -> None:
+        """Build and send the batches in one worker thread: zero detection and the iovecs are
+        numpy, the sends are sendmsg from guest RAM (both release the GIL).
 
-        Cancellation sets an abort flag and then waits, shielded, for the threads to stop, so
+        Cancellation sets an abort flag and then waits, shielded, for the thread to stop, so
         no thread is left writing to a socket that the caller is about to close."""
         abort = threading.Event()
         done = threading.Event()
         # our own descriptor of the connection: valid for the thread whatever trio closes
-        sock = socket.socket(fileno=os.dup(self.stream.socket.fileno()))
+        fd = os.dup(self.stream.socket.fileno())
 
         def work() -> None:
             try:
-                self._pipeline(batches, sock, abort)
+                self._pump(batches, fd, abort)
             finally:
-                sock.close()
+                os.close(fd)
                 done.set()
 
         try:
@@ -270,43 +287,18 @@ class PageSender:
                 await trio.to_thread.run_sync(done.wait)
             raise
 
-    def _pipeline(self, batches: Iterator[Any], sock: Any, abort: threading.Event) -> None:
-        q: queue.Queue[Any] = queue.Queue(maxsize=4)
-        end = object()
-
-        def produce() -> None:
-            try:
-                for buf in batches:
-                    while not abort.is_set():
-                        try:
-                            q.put(buf, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if abort.is_set():
-                        return
-                q.put(end)
-            except BaseException as err:  # handed to the sending thread, raised there
-                q.put(err)
-
-        producer = threading.Thread(target=produce, name="page-encoder", daemon=True)
-        producer.start()
-        try:
-            while True:
-                item = q.get()
-                if item is end:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                data = memoryview(item).cast("B")
-                self.limiter.acquire_blocking(len(data), abort)
-                _sendall_nonblocking(sock, data, abort)
-                self.stats.transferred += len(data)
-                if abort.is_set():
-                    return
-        finally:
-            abort.set()  # stops the producer if we leave early (error or cancel)
-            producer.join()
+    def _pump(self, batches: Iterator[Any], fd: int, abort: threading.Event) -> None:
+        for item in batches:
+            if abort.is_set():
+                return
+            if isinstance(item, PageIov):
+                iov, n = item.iov, item.nbytes
+            else:
+                iov, item = buffer_iov(item)
+                n = int(iov[0, 1])
+            self.limiter.acquire_blocking(n, abort)
+            # sendmsg copies: once it returned, the pages and buffers are free to change
+            self.stats.transferred += sendmsg_all(fd, iov, abort)
 
     async def _send_xbzrle(self, name: str, pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """QEMU's save_xbzrle_page for each page: deltas go out here; pages that must go as
@@ -841,7 +833,6 @@ class PrecopyMigration:
                 "postcopy-preempt channel not opened; requested pages use the main channel", error=str(err)
             )
             return None
-        preempt.socket.setsockopt(socket.SOL_SOCKET, socket.TCP_NODELAY, 1)
         self.log.info("postcopy-preempt channel open")
         return preempt
 
@@ -911,30 +902,20 @@ class PrecopyMigration:
             self.pc.changed.set()  # wakes a recovery handshake waiting for the destination
 
 
-def zero_pages_mask(pages: np.ndarray) -> np.ndarray:
-    """Which of these pages are all zero. A page with a non-zero first word cannot be, so only
-    the rest are read in full: random data costs one word per page, not 4 KiB."""
+def zero_pages_mask(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Which of these pages (``pages[rows]``, all when None) are all zero. A page with a
+    non-zero first word cannot be, so only the rest are read in full: random data costs one
+    word per page, not 4 KiB, and no page is gathered."""
     words = pages.view(np.uint64)
-    zero = words[:, 0] == 0
+    if rows is None:
+        rows = np.arange(len(words))
+        zero = words[:, 0] == 0
+    else:
+        zero = words[rows, 0] == 0
     cand = np.flatnonzero(zero)
     if len(cand):
-        zero[cand] = ~words[cand].any(axis=1)
+        zero[cand] = ~words[rows[cand]].any(axis=1)
     return zero
-
-
-def _sendall_nonblocking(sock: Any, data: memoryview, abort: threading.Event) -> None:
-    """sendall from a worker thread on trio's non-blocking socket: wait with poll()."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    while data:
-        if abort.is_set():
-            return
-        try:
-            n = sock.send(data)
-        except BlockingIOError:
-            poller.poll(100)
-            continue
-        data = data[n:]
 
 
 def hole_pages(block: Any) -> np.ndarray:

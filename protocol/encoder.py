@@ -8,7 +8,9 @@ the construct definitions in ``protocol.wire`` (proven in ``tests/test_fastpath.
 
 from __future__ import annotations
 
+import ctypes
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,6 +70,20 @@ def discard_commands(block: str, ranges: list[tuple[int, int]]) -> list[Postcopy
     return [PostcopyRamDiscard(block, tuple(ranges[i : i + 12])) for i in range(0, len(ranges), 12)]
 
 
+@dataclass(frozen=True)
+class PageIov:
+    """A gathered write: ``iov`` is an (n, 2) uint64 array of (address, length) pairs, laid out
+    as Linux's ``struct iovec``; ``keep`` holds the arrays the addresses point into."""
+
+    iov: np.ndarray
+    keep: tuple[object, ...]
+    nbytes: int
+
+    def tobytes(self) -> bytes:
+        """The bytes described (a copy, for tests and checks)."""
+        return b"".join(ctypes.string_at(int(a), int(n)) for a, n in self.iov)
+
+
 class MainEncoder:
     """Stateful encoder of one main-channel stream (one per TCP connection)."""
 
@@ -125,6 +141,49 @@ class MainEncoder:
             else:
                 np.take(source, np.asarray(rows[first:], dtype=np.intp), axis=0, out=body)
         return out
+
+    def pages_iov(self, block: str, pages: np.ndarray, rows: np.ndarray) -> PageIov:
+        """PAGE records for the pages ``pages[rows[i]]`` at offsets ``rows[i] * PAGE``, as an
+        iovec array for a gathered write (sendmsg/writev) straight from ``pages``.
+
+        The bytes it describes equal ``pages_from(block, rows * PAGE, pages, rows)``: one segment
+        per record header (8 bytes, from a header array built here), one for the block name when
+        the CONTINUE rule needs it, one per page (4096 bytes, an address inside ``pages``).
+        ``pages`` must be a C-contiguous (n, PAGE) uint8 array (a RAM block's view); the
+        addresses are valid while it and ``PageIov.keep`` are alive. Nothing is copied here.
+        """
+        rows = np.asarray(rows, dtype=np.intp)
+        n = len(rows)
+        if pages.ndim != 2 or pages.shape[1] != PAGE or not pages.flags.c_contiguous:
+            raise ValueError("pages_iov needs a C-contiguous (n, PAGE) page array")
+        if n == 0:
+            return PageIov(np.empty((0, 2), dtype=_U64), (), 0)
+        if int(rows.min()) < 0 or int(rows.max()) >= len(pages):
+            raise IndexError("page rows out of range")
+        name = self._name_prefix(block)
+        offsets = rows.astype(_U64) * _U64(PAGE)
+        hdr = np.empty(n, dtype=">u8")
+        hdr[:] = offsets | _U64(RamFlag.PAGE | RamFlag.CONTINUE)
+        extra = 0
+        name_arr = np.frombuffer(name or b"", dtype=np.uint8)
+        keep: tuple[object, ...] = (hdr, pages, name_arr)
+        if name is not None:
+            hdr[0] = int(offsets[0]) | RamFlag.PAGE  # the first record names its block
+            extra = 1
+        iov = np.empty((2 * n + extra, 2), dtype=_U64)
+        hdr_addr = _U64(hdr.ctypes.data)
+        page_addr = _U64(pages.ctypes.data)
+        # record i: header segment at 2*i (+extra after the first), page segment right after it
+        iov[0, 0], iov[0, 1] = hdr_addr, 8
+        if extra:
+            iov[1, 0], iov[1, 1] = name_arr.ctypes.data, len(name_arr)
+        iov[1 + extra, 0], iov[1 + extra, 1] = page_addr + offsets[0], PAGE
+        rest = iov[2 + extra :]
+        rest[0::2, 0] = hdr_addr + np.arange(1, n, dtype=_U64) * _U64(8)
+        rest[0::2, 1] = 8
+        rest[1::2, 0] = page_addr + offsets[1:]
+        rest[1::2, 1] = PAGE
+        return PageIov(iov, keep, n * PAGE_REC + len(name_arr))
 
     def zero_pages(self, block: str, offsets: np.ndarray, fill: int = 0) -> np.ndarray:
         """ZERO records for ``offsets``: one contiguous uint8 array."""
