@@ -313,7 +313,8 @@ class IncomingMigration:
                 sections=self._dec.sections,
             )
         self._dec = dec
-        tune_socket(stream.socket)
+        # no SO_RCVBUF here: setting it turns off the kernel's receive autotuning, which grows
+        # the window to tcp_rmem's maximum (32 MiB here) where rmem_max caps a set one at 4 MiB
         if self._fault_task:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
         stats = self.info.stats
