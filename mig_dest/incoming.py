@@ -315,7 +315,7 @@ class IncomingMigration:
         self._dec = dec
         # no SO_RCVBUF here: setting it turns off the kernel's receive autotuning, which grows
         # the window to tcp_rmem's maximum (32 MiB here) where rmem_max caps a set one at 4 MiB
-        if self._fault_task:
+        if self._fault_task and not self.caps["postcopy-preempt"]:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
         stats = self.info.stats
         # our own descriptor of the connection, non-blocking like trio's: drained in a tight
@@ -582,7 +582,8 @@ class IncomingMigration:
             self._fault_task = True
             self._recv_size = POSTCOPY_RECV_SIZE
             assert self._stream is not None
-            self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
+            if not self.caps["postcopy-preempt"]:  # else requested pages bypass this queue
+                self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
             await trio.to_thread.run_sync(guest.start)
             if self.on_run is not None:
                 self.on_run(guest)

@@ -48,6 +48,9 @@ from protocol.events import (
 PAGE = 4096
 # pages per background send: a requested page waits behind at most this much of the scan
 BACKGROUND_BATCH = 32
+# with a postcopy-preempt channel requested pages never wait behind the background scan, which
+# can then go in big batches through full-size socket buffers
+PREEMPT_BACKGROUND_BATCH = 256
 PART_PAGES = 4096  # close a PART section after this many pages (16 MiB), as QEMU bounds its passes
 
 
@@ -379,7 +382,7 @@ class PostcopySource:
                 with trio.move_on_after(not_before - now):
                     await self.requests.arrived.wait()
                 continue
-            nxt = self._next_background(BACKGROUND_BATCH)
+            nxt = self._next_background(PREEMPT_BACKGROUND_BATCH if preempt else BACKGROUND_BATCH)
             if nxt is None:
                 return
             name, idx = nxt

@@ -782,8 +782,10 @@ class PrecopyMigration:
 
     async def _postcopy_stream(self, stream: trio.SocketStream, enc: MainEncoder) -> None:
         assert self.pc is not None
-        # a small send buffer: a requested page never queues behind megabytes of background
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
+        preempt = await self._open_preempt() if self.caps["postcopy-preempt"] else None
+        if preempt is None:
+            # a small send buffer: a requested page never queues behind megabytes of background
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
         limiter = RateLimiter(self.params, "max_postcopy_bandwidth")
         sender = PageSender(stream, enc, self.info.ram, limiter, None)
 
@@ -795,7 +797,6 @@ class PrecopyMigration:
 
             return send
 
-        preempt = await self._open_preempt() if self.caps["postcopy-preempt"] else None
         try:
             if preempt is None:
                 urgent, send_urgent = sender, sending(stream)
