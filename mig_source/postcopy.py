@@ -58,6 +58,11 @@ class PostcopyError(Exception):
     """Postcopy cannot go on (becomes error-desc)."""
 
 
+class HandshakeTimeout(PostcopyError):
+    """The peer of a recovery connection did not answer: pause again, as for a broken link
+    (it may be the wrong address); never fail, which would lose the guest's split state."""
+
+
 def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Starts and lengths of the runs of True in a bool array."""
     edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
@@ -226,7 +231,9 @@ class PostcopySource:
                 await self.changed.wait()
         check()
         if scope.cancelled_caught:
-            raise PostcopyError(f"the destination did not answer the recovery handshake within {timeout} s")
+            raise HandshakeTimeout(
+                f"the destination did not answer the recovery handshake within {timeout} s"
+            )
 
     # ------------------------------------------------------------------ the stream
 

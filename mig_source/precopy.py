@@ -59,7 +59,7 @@ from protocol.events import (
 from protocol.return_path import ReturnPathDecoder
 
 from .gather import buffer_iov, sendmsg_all
-from .postcopy import PostcopyError, PostcopySource
+from .postcopy import HandshakeTimeout, PostcopyError, PostcopySource
 
 PAGE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per encoded buffer (the XBZRLE path)
@@ -377,7 +377,13 @@ class PrecopyMigration:
                     await self._run_connection(stream)
                     completed = True
                     break
-                except (LinkLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                except (
+                    LinkLost,
+                    HandshakeTimeout,
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                ) as err:
                     if self.pc is None or not self.pc.run_sent:
                         raise
                     stream = await self._pause_until_resumed(err)

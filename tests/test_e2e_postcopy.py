@@ -168,3 +168,59 @@ async def test_postcopy_refuses_cancel_and_bad_resume(daemons: Daemons) -> None:
         assert_completed(await dst.wait_migration(timeout=10), "dest")
         s, d = await src.digest(), await dst.digest()
         assert s["digest"] == d["digest"]
+
+
+async def test_postcopy_resume_to_wrong_addresses_pauses_again(daemons: Daemons) -> None:
+    """A resume to an address nobody listens on, then to one that never answers, leaves the
+    source paused (never failed: the guest's state is split), and a real recovery still works."""
+    async with (
+        daemons.dest(paused=False) as dst,
+        daemons.source(ram="64M", fill="random", workload="hotset:rate=max,size=16M") as src,
+        trio.open_nursery() as nursery,
+    ):
+        assert dst.port is not None
+        proxy = CutProxy(dst.port)
+        await nursery.start(proxy.serve)
+        await enable_postcopy(src, dst, max_postcopy_bandwidth=8 * MiB, x_completion_timeout=2)
+        await src.execute("migrate", {"uri": proxy.uri})
+        await src.execute("migrate-start-postcopy")
+        await src.wait_migration({"postcopy-active"}, timeout=20)
+        await trio.sleep(0.5)
+        proxy.cut()
+        await src.wait_migration({"postcopy-paused"}, timeout=20)
+        await dst.wait_migration({"postcopy-paused"}, timeout=20)
+
+        async def paused_with(text: str) -> bool:
+            info = await src.query_migrate()
+            return info["status"] == "postcopy-paused" and text in info.get("error-desc", "")
+
+        nobody = trio.socket.socket()
+        await nobody.bind(("127.0.0.1", 0))
+        port = nobody.getsockname()[1]
+        nobody.close()  # nothing listens there now
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}", "resume": True})
+        await src.wait_until("a failed reconnect", lambda: paused_with("cannot connect"), timeout=20)
+
+        silent = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        held: list[trio.SocketStream] = []
+
+        async def hold() -> None:
+            async with silent:
+                while True:
+                    held.append(await silent.accept())  # accepts, never answers
+
+        nursery.start_soon(hold)
+        silent_port = silent.socket.getsockname()[1]
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{silent_port}", "resume": True})
+        await src.wait_until("an unanswered handshake", lambda: paused_with("did not answer"), timeout=20)
+        assert held, "the source never connected to the silent listener"
+
+        await dst.execute("migrate-recover", {"uri": "tcp:127.0.0.1:0"})
+        addr = (await dst.query_migrate())["x-recover-address"][0]
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{addr['port']}", "resume": True})
+        src_info = await src.wait_migration(timeout=60)
+        dst_info = await dst.wait_migration(timeout=10)
+        nursery.cancel_scope.cancel()
+        assert_completed(src_info)
+        assert_completed(dst_info, "dest")
+        await assert_clean(dst, 64 * MiB // PAGE)
