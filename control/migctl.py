@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_interval(p)
     add("status", "show query-migrate")
     add("cancel", "cancel the current migration")
+    add("start-postcopy", "switch the running migration to postcopy now (source)")
+    p = add("recover", "listen on URI for the source of a paused postcopy migration (destination)")
+    p.add_argument("uri")
     p = add("set-capability", "enable or disable a migration capability")
     p.add_argument("name")
     p.add_argument("state", metavar="on|off")
@@ -336,6 +339,19 @@ async def _dispatch(args: argparse.Namespace, qmp: QmpClient, out: _Out) -> int:
             "migrate-incoming",
             {"uri": args.uri},
             lambda _: [f"waiting for an incoming migration on {args.uri}"],
+        )
+        return 0
+    if cmd == "start-postcopy":
+        await _simple(qmp, out, t, "migrate-start-postcopy", None, lambda _: ["switch to postcopy requested"])
+        return 0
+    if cmd == "recover":
+        await _simple(
+            qmp,
+            out,
+            t,
+            "migrate-recover",
+            {"uri": args.uri},
+            lambda _: [f"waiting on {args.uri} for the source to resume (migrate --resume there)"],
         )
         return 0
     if cmd == "stop":

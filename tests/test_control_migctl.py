@@ -122,8 +122,12 @@ class FakeDaemon:
         async def incoming(args: dict[str, Any]) -> None:
             self.calls.append(("migrate-incoming", args))
 
-        for name in ("stop", "cont"):
+        for name in ("stop", "cont", "migrate-start-postcopy"):
             reg.register(name, self._recorder(name))
+
+        @reg.command("migrate-recover", Arg("uri", str))
+        async def recover(args: dict[str, Any]) -> None:
+            self.calls.append(("migrate-recover", args))
 
         @reg.command("query-status")
         async def query_status(args: dict[str, Any]) -> dict[str, Any]:
@@ -395,3 +399,10 @@ async def test_env_var_and_main_entry_point(
     code = await trio.to_thread.run_sync(migctl.main, ["--json", "query-status"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["status"] == "running"
+
+
+async def test_postcopy_commands(daemon: FakeDaemon) -> None:
+    assert await run(daemon, "start-postcopy") == (0, "switch to postcopy requested\n", "")
+    code, out, _ = await run(daemon, "recover", "tcp:0:4445")
+    assert code == 0 and "tcp:0:4445" in out
+    assert daemon.calls[-2:] == [("migrate-start-postcopy", {}), ("migrate-recover", {"uri": "tcp:0:4445"})]
