@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from .procs import daemon_pair, wait_migration
+from .procs import daemon_pair, wait_migration, wait_prealloc
 
 GiB = 1 << 30
 P99_TARGET_US = 2000
@@ -39,7 +39,7 @@ async def migrate_once(
                 "downtime-limit": 20,
             },
         )
-        await _wait_prealloc(dst)
+        await wait_prealloc(dst)
         seen: dict[str, float] = {}
 
         def note(info: dict[str, Any]) -> None:
@@ -74,15 +74,6 @@ async def migrate_once(
             "self_check_bad": check["bad-count"],
             "pages_checked": check["pages-checked"],
         }
-
-
-async def _wait_prealloc(dst: Any) -> None:
-    with trio.fail_after(120):
-        while True:
-            info = await dst.execute("query-migrate")
-            if info.get("x-prealloc", {}).get("ready", True):
-                return
-            await trio.sleep(0.05)
 
 
 def run(

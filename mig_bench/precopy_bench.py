@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from .procs import daemon_pair, peak_rss, wait_migration
+from .procs import daemon_pair, peak_rss, wait_migration, wait_prealloc
 
 GiB = 1 << 30
 
@@ -64,7 +64,7 @@ async def migrate_once(size: int, fill: str) -> dict[str, Any]:
             "migrate-set-capabilities", {"capabilities": [{"capability": "return-path", "state": True}]}
         )
         await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 300})
-        await _wait_prealloc(dst)
+        await wait_prealloc(dst)
         t = time.perf_counter()
         await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{pair.port}"})
         info = await wait_migration(src, timeout=300, interval=0.01)
@@ -82,15 +82,6 @@ async def migrate_once(size: int, fill: str) -> dict[str, Any]:
             "source_peak_rss": peak_rss(src.proc.pid),
             "dest_peak_rss": peak_rss(dst.proc.pid),
         }
-
-
-async def _wait_prealloc(dst: Any) -> None:
-    with trio.fail_after(120):
-        while True:
-            info = await dst.execute("query-migrate")
-            if info.get("x-prealloc", {}).get("ready", True):
-                return
-            await trio.sleep(0.05)
 
 
 def run(size: int = GiB) -> dict[str, Any]:

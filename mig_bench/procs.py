@@ -113,3 +113,13 @@ async def wait_migration(
             if info.get("status") in ("completed", "failed", "cancelled"):
                 return info
             await trio.sleep(interval)
+
+
+async def wait_prealloc(dst: Daemon, timeout: float = 120) -> None:
+    """Until mig-dest's --prealloc memory is populated (query-migrate's x-prealloc.ready)."""
+    with trio.fail_after(timeout):
+        while True:
+            info = await dst.execute("query-migrate")
+            if info.get("x-prealloc", {}).get("ready", True):
+                return
+            await trio.sleep(0.05)

@@ -21,7 +21,7 @@ from control.daemon_common import (
 from control.params import Capabilities, MigrationStatus, Parameters
 from control.qmp_server import Arg, CommandRegistry, QmpError, QmpServer
 
-from .incoming import IncomingInfo, IncomingMigration, ReceivedGuest
+from .incoming import IncomingInfo, IncomingMigration, ReceivedGuest, peer_name
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -160,7 +160,7 @@ class DestDaemon(DaemonShell):
             while True:
                 stream = await lst.accept()
                 if not mig.recover(stream) and not mig.attach_preempt(stream):
-                    self.log.error("connection to the recovery address not wanted", peer=_peer(stream))
+                    self.log.error("connection to the recovery address not wanted", peer=peer_name(stream))
                     await stream.aclose()
 
         try:
@@ -190,7 +190,7 @@ class DestDaemon(DaemonShell):
         async with listener:
             while True:
                 stream = await listener.accept()
-                peer = _peer(stream)
+                peer = peer_name(stream)
                 if self._current is not None and self._current.attach_preempt(stream):
                     continue  # the running migration's postcopy-preempt channel
                 if self._busy and self.status.status is MigrationStatus.FAILED:
@@ -372,14 +372,6 @@ def store_image(directory: Path, received: ReceivedGuest, peer: str | None) -> P
         extra={"run_state": received.run_state},
         source=f"mig-dest, incoming migration from {peer}",
     )
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        h, p = stream.socket.getpeername()[:2]
-        return f"{h}:{p}"
-    except OSError:
-        return "?"
 
 
 def build_parser() -> argparse.ArgumentParser:

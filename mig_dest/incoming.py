@@ -281,7 +281,7 @@ class IncomingMigration:
         self._recovered_any = True
         self.status.to(MigrationStatus.POSTCOPY_RECOVER)
         self.info.error_desc = None
-        self.log.info("postcopy recovery: source reconnected", peer=_peer_of(stream))
+        self.log.info("postcopy recovery: source reconnected", peer=peer_name(stream))
         tune_socket(stream.socket)
         self._stream = stream
         self.rp_connected = True
@@ -680,7 +680,7 @@ class IncomingMigration:
         )
         tune_socket(stream.socket)
         raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        self.log.info("postcopy-preempt channel open", peer=_peer_of(stream))
+        self.log.info("postcopy-preempt channel open", peer=peer_name(stream))
         try:
             async with stream:
                 while not dec.finished:
@@ -799,7 +799,8 @@ def is_page_run(idx: np.ndarray) -> bool:
     return int(idx[-1]) - int(idx[0]) == k - 1 and (k < 3 or bool((np.diff(idx) == 1).all()))
 
 
-def _peer_of(stream: trio.SocketStream) -> str:
+def peer_name(stream: trio.SocketStream) -> str:
+    """HOST:PORT of the other end, or "?" once it is gone."""
     try:
         h, p = stream.socket.getpeername()[:2]
         return f"{h}:{p}"

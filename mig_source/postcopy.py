@@ -45,6 +45,8 @@ from protocol.events import (
     SectionPart,
 )
 
+from .pages import zero_pages_mask
+
 PAGE = 4096
 # pages per background send: a requested page waits behind at most this much of the scan
 BACKGROUND_BATCH = 32
@@ -96,7 +98,7 @@ def encode_pages(
     straight from guest RAM for the rest. Lean on purpose: a faulting vCPU waits for this."""
     known_zero = holes[idx]
     data_idx = idx[~known_zero] if known_zero.any() else idx
-    zero = ~pages[data_idx].view(np.uint64).any(axis=1)  # copies the few pages: cheap
+    zero = zero_pages_mask(pages, data_idx)
     normal = data_idx[~zero]
     zidx = idx[known_zero]
     if zero.any():
@@ -285,7 +287,6 @@ class PostcopySource:
     async def stream_pages(
         self,
         sender: Any,
-        enc: MainEncoder,
         section_id: int,
         check: Callable[[], None],
         send: Callable[[Any], Any],
@@ -303,15 +304,14 @@ class PostcopySource:
         between two background batches; with ``preempt`` (a postcopy-preempt channel) a task of
         their own sends them the moment they are asked for, while a background batch may still
         be on its way."""
+        enc = sender.enc
         await sender.send(enc.encode(SectionPart(section_id)))
         try:
             async with trio.open_nursery() as nursery:
                 done = trio.Event()
                 if preempt:
                     nursery.start_soon(self._urgent_loop, urgent, send_urgent, done)
-                await self._background_loop(
-                    sender, enc, section_id, check, send, urgent, send_urgent, preempt
-                )
+                await self._background_loop(sender, section_id, check, send, urgent, send_urgent, preempt)
                 done.set()
                 self.requests.arrived.set()  # wakes the urgent loop to see that we are done
         except BaseExceptionGroup as group:
@@ -365,7 +365,6 @@ class PostcopySource:
     async def _background_loop(
         self,
         sender: Any,
-        enc: MainEncoder,
         section_id: int,
         check: Callable[[], None],
         send: Callable[[Any], Any],
@@ -373,6 +372,7 @@ class PostcopySource:
         send_urgent: Callable[[Any], Any],
         preempt: bool,
     ) -> None:
+        enc = sender.enc
         in_section = 0
         not_before = 0.0  # the rate limit's next send time for background pages
         blocks = self.guest.blocks

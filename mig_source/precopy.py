@@ -59,6 +59,7 @@ from protocol.events import (
 from protocol.return_path import ReturnPathDecoder
 
 from .gather import buffer_iov, sendmsg_all
+from .pages import hole_pages, zero_pages_mask
 from .postcopy import HandshakeTimeout, PostcopyError, PostcopySource
 
 PAGE = 4096
@@ -811,7 +812,6 @@ class PrecopyMigration:
                 send_urgent = sending(preempt)
             await self.pc.stream_pages(
                 sender,
-                enc,
                 RAM_SECTION_ID,
                 self._check_return_path,
                 sending(stream),
@@ -907,30 +907,6 @@ class PrecopyMigration:
         self._shut.set()
         if self.pc is not None:
             self.pc.changed.set()  # wakes a recovery handshake waiting for the destination
-
-
-def zero_pages_mask(pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """Which of these pages (``pages[rows]``, all when None) are all zero. A page with a
-    non-zero first word cannot be, so only the rest are read in full: random data costs one
-    word per page, not 4 KiB, and no page is gathered."""
-    words = pages.view(np.uint64)
-    if rows is None:
-        rows = np.arange(len(words))
-        zero = words[:, 0] == 0
-    else:
-        zero = words[rows, 0] == 0
-    cand = np.flatnonzero(zero)
-    if len(cand):
-        zero[cand] = ~words[rows[cand]].any(axis=1)
-    return zero
-
-
-def hole_pages(block: Any) -> np.ndarray:
-    """Per page: True where the block's memory was never allocated (so it reads as zero)."""
-    holes = np.ones(block.n_pages, dtype=bool)
-    for start, stop in block.data_ranges():
-        holes[start // PAGE : -(-stop // PAGE)] = False
-    return holes
 
 
 def _describe_io_error(err: BaseException) -> str:
