@@ -18,6 +18,7 @@ The guest never runs here again once RUN was sent: its state is split between bo
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +46,7 @@ from protocol.events import (
     SectionPart,
 )
 
+from .gather import buffer_iov, sendmsg_all
 from .pages import zero_pages_mask
 
 PAGE = 4096
@@ -91,11 +93,12 @@ def not_received(bitmap: bytes, n_pages: int) -> np.ndarray:
 
 
 def encode_pages(
-    enc: MainEncoder, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray, stats: Any
-) -> np.ndarray:
+    enc: MainEncoder, name: str, pages: np.ndarray, idx: np.ndarray, holes: np.ndarray
+) -> tuple[np.ndarray, int, int]:
     """The records of pages ``idx`` (sorted, unique; a few dozen at most) of one block: ZERO
     records for zero pages (never-allocated ones without reading them), PAGE records gathered
-    straight from guest RAM for the rest. Lean on purpose: a faulting vCPU waits for this."""
+    straight from guest RAM for the rest; and how many of each (zero, normal). Lean on purpose:
+    a faulting vCPU waits for this."""
     known_zero = holes[idx]
     data_idx = idx[~known_zero] if known_zero.any() else idx
     zero = zero_pages_mask(pages, data_idx)
@@ -106,16 +109,23 @@ def encode_pages(
     out = []
     if len(zidx):
         out.append(enc.zero_pages(name, zidx.astype(np.uint64) * PAGE))
-        stats.duplicate += len(zidx)
     if len(normal):
         out.append(enc.pages_from(name, normal.astype(np.uint64) * PAGE, pages, normal))
-        stats.normal += len(normal)
-        stats.normal_bytes += len(normal) * PAGE
-    return out[0] if len(out) == 1 else np.concatenate(out)
+    data = out[0] if len(out) == 1 else np.concatenate(out)
+    return data, len(zidx), len(normal)
+
+
+def count_pages(stats: Any, n_zero: int, n_normal: int) -> None:
+    stats.duplicate += n_zero
+    stats.normal += n_normal
+    stats.normal_bytes += n_normal * PAGE
 
 
 class PageRequests:
-    """Pages the destination asked for, in arrival order, to be served before the background."""
+    """Pages the destination asked for, in arrival order, to be served before the background.
+
+    Requests are checked and resolved (``resolve``) by the return-path reader's thread; those
+    not sent at once by a :class:`DirectSender` wait here for the stream's trio task."""
 
     def __init__(self, block_sizes: Mapping[str, int]) -> None:
         self._sizes = dict(block_sizes)
@@ -124,7 +134,8 @@ class PageRequests:
         self.arrived = trio.Event()
         self.count = 0  # requests received (query-migrate's postcopy-requests)
 
-    def add(self, ev: RpReqPages) -> None:
+    def resolve(self, ev: RpReqPages) -> tuple[str, int, int]:
+        """(block, first page, pages) of a request, checked against the block list."""
         block = ev.block if ev.block is not None else self._last_block
         if block is None:
             raise PostcopyError("REQ_PAGES before any REQ_PAGES_ID named a block")
@@ -137,13 +148,16 @@ class PageRequests:
                 f"inside its {size:#x} bytes"
             )
         self._last_block = block
-        self._queue.append((block, ev.start // PAGE, ev.length // PAGE))
         self.count += 1
-        self.arrived.set()
+        return block, ev.start // PAGE, ev.length // PAGE
+
+    def queue(self, request: tuple[str, int, int]) -> None:
+        self._queue.append(request)
 
     def take(self) -> list[tuple[str, int, int]]:
-        out = list(self._queue)
-        self._queue.clear()
+        out = []
+        while self._queue:  # popleft, not a copy and clear: the reader's thread may append
+            out.append(self._queue.popleft())
         self.arrived = trio.Event()
         return out
 
@@ -151,6 +165,33 @@ class PageRequests:
         """A new connection: the destination re-sends what it still waits for (first with an id)."""
         self._queue.clear()
         self._last_block = None
+
+
+class DirectSender:
+    """Requested pages sent from the return-path reader's thread, on the postcopy-preempt
+    channel, the moment they are asked for: no hop through the trio loop, which is busy with
+    the background stream. One serve at a time; ``close`` waits for the one in flight."""
+
+    def __init__(self, enc: MainEncoder, fd: int) -> None:
+        self.enc = enc  # the channel's own encoder (its CONTINUE state)
+        self.fd = fd  # our own descriptor of the channel's socket
+        self.lock = threading.Lock()
+        self.abort = threading.Event()  # set: a blocked send gives up within 0.1 s
+        self.closed = False
+        self.error: OSError | None = None
+        # folded into the migration's statistics by the trio side at close
+        self.bytes_sent = 0
+        self.zero_pages = 0
+        self.normal_pages = 0
+        self.pages_sent = 0
+
+    def send(self, data: np.ndarray | bytes) -> None:
+        iov, keep = buffer_iov(data)
+        n = sendmsg_all(self.fd, iov, self.abort)
+        del keep
+        if n < int(iov[0, 1]):
+            raise OSError("send aborted")
+        self.bytes_sent += n
 
 
 class PostcopySource:
@@ -174,7 +215,11 @@ class PostcopySource:
         self._cursor = dict.fromkeys(remaining, 0)
         self.left = self.remaining_pages()  # kept in step with ``remaining``
         self.run_sent = False
+        self.requests_allowed = False  # from just before RUN is sent (its answer may come first)
         self.requested_pages_sent = 0
+        # remaining, left and _cursor are shared with the return-path reader's thread
+        self.lock = threading.Lock()
+        self.direct: DirectSender | None = None
         # recovery handshake (filled by the return-path reader)
         self.bitmaps: dict[str, np.ndarray] = {}
         self.resume_acked = False
@@ -205,12 +250,7 @@ class PostcopySource:
 
     def on_return_path(self, ev: Any) -> bool:
         """Handle a postcopy return-path message; False if it is not one."""
-        if isinstance(ev, RpReqPages):
-            if not self.run_sent:
-                raise PostcopyError("page request before POSTCOPY_RUN")
-            self.requests.add(ev)
-            self.stats.postcopy_requests = self.requests.count
-        elif isinstance(ev, RpRecvBitmap):
+        if isinstance(ev, RpRecvBitmap):
             block = self.guest.blocks.get(ev.block)
             if block is None:
                 raise PostcopyError(f"RECV_BITMAP reply for unknown block {ev.block!r}")
@@ -223,6 +263,74 @@ class PostcopySource:
             return False
         self.changed.set()
         return True
+
+    def take_request(self, ev: RpReqPages) -> bool:
+        """A page request, in the return-path reader's thread: sent at once when a direct
+        sender is active, else queued; True if the trio side must be woken for it."""
+        if not self.requests_allowed:
+            raise PostcopyError("page request before POSTCOPY_RUN")
+        request = self.requests.resolve(ev)
+        self.stats.postcopy_requests = self.requests.count
+        with self.lock:
+            direct = self.direct
+            if direct is None:
+                self.requests.queue(request)
+                return True
+        self._serve_direct(direct, *request)
+        return False
+
+    def notify_request(self) -> None:
+        """In trio: a request was queued."""
+        self.requests.arrived.set()
+
+    def _claim(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """The pages of ``idx`` still ours to send, now marked sent (background or request)."""
+        with self.lock:
+            mask = self.remaining[name]
+            idx = idx[mask[idx]]
+            if len(idx):
+                mask[idx] = False
+                self.left -= len(idx)
+                self.stats.remaining = self.left * PAGE
+            return idx
+
+    def _serve_direct(self, direct: DirectSender, name: str, first: int, n: int) -> None:
+        with direct.lock:
+            if direct.closed or direct.error is not None:
+                return  # the channel is gone: recovery rebuilds what is owed from the bitmaps
+            idx = self._claim(name, np.arange(first, first + n))
+            if not len(idx):
+                return  # already sent: on its way or there
+            block = self.guest.blocks[name]
+            data, n_zero, n_normal = encode_pages(direct.enc, name, block.pages, idx, self.holes[name])
+            try:
+                direct.send(data)
+            except OSError as err:
+                direct.error = err
+                raise
+            direct.zero_pages += n_zero
+            direct.normal_pages += n_normal
+            direct.pages_sent += len(idx)
+
+    def start_direct(self, direct: DirectSender) -> list[tuple[str, int, int]]:
+        """Requests go to ``direct`` from now on; returns those queued before."""
+        with self.lock:
+            self.direct = direct
+            return self.requests.take()
+
+    def stop_direct(self) -> DirectSender | None:
+        """Blocking (run it in a thread): no more direct sends; waits for the one in flight and
+        folds the direct sender's counts into the statistics."""
+        with self.lock:
+            direct, self.direct = self.direct, None
+        if direct is None:
+            return None
+        with direct.lock:
+            direct.closed = True
+        self.stats.transferred += direct.bytes_sent
+        count_pages(self.stats, direct.zero_pages, direct.normal_pages)
+        self.requested_pages_sent += direct.pages_sent
+        return direct
 
     async def wait_for(self, done: Callable[[], bool], check: Callable[[], None], timeout: float) -> None:
         """Wait until ``done()``; ``check()`` raises the return path's error, if any."""
@@ -252,6 +360,7 @@ class PostcopySource:
         blob += [enc.encode(Ping(3)), enc.encode(PostcopyRun())]
         out.append(enc.encode(Packaged(b"".join(blob))))
         out.append(enc.encode(Ping(4)))
+        self.requests_allowed = True
         await send(b"".join(out))
         self.run_sent = True
         self.log.info(
@@ -276,9 +385,10 @@ class PostcopySource:
         await self.wait_for(lambda: all(n in self.bitmaps for n in names), check, timeout)
         # what the destination lacks is what we send; anything it holds is never sent again
         before = self.remaining_pages()
-        self.remaining = {n: self.bitmaps[n] for n in names}
-        self._cursor = dict.fromkeys(names, 0)
-        self.left = self.remaining_pages()
+        with self.lock:
+            self.remaining = {n: self.bitmaps[n] for n in names}
+            self._cursor = dict.fromkeys(names, 0)
+            self.left = self.remaining_pages()
         self.stats.remaining = self.left * PAGE
         self.log.info("postcopy recovery: bitmaps received", missing=self.remaining_pages(), before=before)
         await send(enc.encode(PostcopyResume()))
@@ -293,46 +403,35 @@ class PostcopySource:
         urgent: Any,
         send_urgent: Callable[[Any], Any],
         *,
-        preempt: bool = False,
+        direct: DirectSender | None = None,
     ) -> None:
         """RAM PART sections until nothing is left, requests first; the caller ends the stream
         (:meth:`end_of_stream`).
 
         ``send`` sends without rate limit; background pages are accounted to ``sender.limiter``
-        afterwards, and its waits end early when a request arrives. Requested pages are encoded
-        by ``urgent`` (a PageSender) and sent by ``send_urgent``. On the main channel they go
-        between two background batches; with ``preempt`` (a postcopy-preempt channel) a task of
-        their own sends them the moment they are asked for, while a background batch may still
-        be on its way."""
+        afterwards, and its waits end early when a request arrives. Without ``direct``,
+        requested pages are encoded by ``urgent`` (a PageSender) and sent by ``send_urgent``
+        between two background batches on the main channel. With ``direct`` (a postcopy-preempt
+        channel) the return-path reader's thread sends each the moment it is asked for, while
+        a background batch may still be on its way; :meth:`stop_direct` ends that."""
         enc = sender.enc
         await sender.send(enc.encode(SectionPart(section_id)))
-        try:
-            async with trio.open_nursery() as nursery:
-                done = trio.Event()
-                if preempt:
-                    nursery.start_soon(self._urgent_loop, urgent, send_urgent, done)
-                await self._background_loop(sender, section_id, check, send, urgent, send_urgent, preempt)
-                done.set()
-                self.requests.arrived.set()  # wakes the urgent loop to see that we are done
-        except BaseExceptionGroup as group:
-            # a broken link must reach the migration as itself (it pauses on it), not in a group
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        if direct is not None:
+            early = self.start_direct(direct)
+            if early:  # asked for before the channel was there
+                await trio.to_thread.run_sync(self._serve_taken, direct, early)
+        await self._background_loop(sender, section_id, check, send, urgent, send_urgent, direct is not None)
+        check()
         self.stats.remaining = 0
         self.log.info(
             "postcopy: all pages sent",
             requests=self.requests.count,
-            requested_pages_sent=self.requested_pages_sent,
+            requested_pages_sent=self.requested_pages_sent + (direct.pages_sent if direct else 0),
         )
 
-    async def _urgent_loop(self, urgent: Any, send_urgent: Callable[[Any], Any], done: trio.Event) -> None:
-        while True:
-            if await self._serve_requests(urgent, send_urgent):
-                continue
-            if done.is_set():
-                return
-            await self.requests.arrived.wait()
+    def _serve_taken(self, direct: DirectSender, reqs: list[tuple[str, int, int]]) -> None:
+        for req in reqs:
+            self._serve_direct(direct, *req)
 
     async def _serve_requests(self, urgent: Any, send_urgent: Callable[[Any], Any]) -> int:
         """Send every page asked for so far that is still ours to send; returns how many."""
@@ -346,20 +445,16 @@ class PostcopySource:
             wanted.setdefault(name, []).append(np.arange(first, first + n))
         sent = 0
         for name, parts in wanted.items():
-            mask = self.remaining[name]
-            idx = np.unique(np.concatenate(parts))
-            idx = idx[mask[idx]]  # already sent: it is on its way (or there)
+            idx = self._claim(name, np.unique(np.concatenate(parts)))
             if not len(idx):
-                continue
-            mask[idx] = False
-            self.left -= len(idx)
-            data = encode_pages(urgent.enc, name, blocks[name].pages, idx, self.holes[name], self.stats)
+                continue  # already sent: on its way (or there)
+            data, n_zero, n_normal = encode_pages(urgent.enc, name, blocks[name].pages, idx, self.holes[name])
+            count_pages(self.stats, n_zero, n_normal)
             # a record must never be cut short on its channel: finish the send even if cancelled
             with trio.CancelScope(shield=True):
                 await send_urgent(data)
             self.requested_pages_sent += len(idx)
             sent += len(idx)
-        self.stats.remaining = self.left * PAGE
         return sent
 
     async def _background_loop(
@@ -389,17 +484,19 @@ class PostcopySource:
                 with trio.move_on_after(not_before - now):
                     await self.requests.arrived.wait()
                 continue
-            nxt = self._next_background(PREEMPT_BACKGROUND_BATCH if preempt else BACKGROUND_BATCH)
+            with self.lock:
+                nxt = self._next_background(PREEMPT_BACKGROUND_BATCH if preempt else BACKGROUND_BATCH)
             if nxt is None:
                 return
             name, idx = nxt
-            self.remaining[name][idx] = False
-            self.left -= len(idx)
-            data = encode_pages(sender.enc, name, blocks[name].pages, idx, self.holes[name], self.stats)
+            idx = self._claim(name, idx)
+            if not len(idx):
+                continue  # sent meanwhile on request
+            data, n_zero, n_normal = encode_pages(sender.enc, name, blocks[name].pages, idx, self.holes[name])
+            count_pages(self.stats, n_zero, n_normal)
             await send(data)
             not_before = sender.limiter.reserve(len(data)) or 0.0
             in_section += len(idx)
-            self.stats.remaining = self.left * PAGE
             if in_section >= PART_PAGES:
                 await sender.send(
                     enc.encode(RamEos())

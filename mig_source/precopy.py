@@ -20,8 +20,10 @@ Either way the failure leaves the source guest running, unchanged, with a clear 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -47,6 +49,7 @@ from protocol.events import (
     RamBlockList,
     RamEos,
     RpPong,
+    RpReqPages,
     RpShut,
     SectionEnd,
     SectionFooter,
@@ -60,7 +63,7 @@ from protocol.return_path import ReturnPathDecoder
 
 from .gather import buffer_iov, sendmsg_all
 from .pages import hole_pages, zero_pages_mask
-from .postcopy import HandshakeTimeout, PostcopyError, PostcopySource
+from .postcopy import DirectSender, HandshakeTimeout, PostcopyError, PostcopySource
 
 PAGE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per encoded buffer (the XBZRLE path)
@@ -354,6 +357,7 @@ class PrecopyMigration:
         self._shut: trio.Event = trio.Event()
         self._shut_status: int | None = None
         self._rp_error: BaseException | None = None
+        self._rp_generation = 0  # which return-path reader's messages count (the newest)
         self._high_dirty_count = 0
         self._passes_at_max_throttle = 0
         self.postcopy_requested = False  # migrate-start-postcopy, or the automatic policy
@@ -804,31 +808,42 @@ class PrecopyMigration:
 
             return send
 
+        direct = None
+        if preempt is not None:  # requested pages on their own connection, with their own CONTINUE state
+            direct = DirectSender(MainEncoder(), os.dup(preempt.socket.fileno()))
         try:
-            if preempt is None:
-                urgent, send_urgent = sender, sending(stream)
-            else:  # requested pages on their own connection, with their own CONTINUE state
-                urgent = PageSender(preempt, MainEncoder(), self.info.ram, limiter, None)
-                send_urgent = sending(preempt)
             await self.pc.stream_pages(
                 sender,
                 RAM_SECTION_ID,
                 self._check_return_path,
                 sending(stream),
-                urgent,
-                send_urgent,
-                preempt=preempt is not None,
+                sender,
+                sending(stream),
+                direct=direct,
             )
-            if preempt is not None:
+            if direct is not None:
                 # its EOS before the main EOF: the destination then has every requested page
-                await send_urgent(urgent.enc.encode(RamEos()))
+                self.info.ram.transferred += await trio.to_thread.run_sync(self._close_direct, direct)
         finally:
-            if preempt is not None:
+            if direct is not None:
+                direct.abort.set()  # a send blocked on a dead channel gives up
                 with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.pc.stop_direct)
+                    os.close(direct.fd)
                     await preempt.aclose()
         await sender.send(self.pc.end_of_stream(enc, RAM_SECTION_ID))
         await self._await_completion(stream)
         self._completed()
+
+    def _close_direct(self, direct: DirectSender) -> int:
+        """No more direct sends; then the channel's EOS (blocking: run it in a thread).
+        Returns the EOS's length."""
+        assert self.pc is not None
+        self.pc.stop_direct()
+        eos = direct.enc.encode(RamEos())
+        with direct.lock:
+            direct.send(eos)
+        return len(eos)
 
     async def _open_preempt(self) -> trio.SocketStream | None:
         """The postcopy-preempt channel (WIRE.md §6.7): a second connection to the destination;
@@ -872,35 +887,103 @@ class PrecopyMigration:
             )
 
     async def _read_return_path(self, stream: trio.SocketStream) -> None:
+        """The return path, read by a thread of its own: a page request is answered from that
+        thread when a postcopy-preempt channel is up (the trio loop is busy with the background
+        stream, and a faulting vCPU waits); everything else is handed to the trio loop in order."""
         block_sizes = {n: b.size for n, b in self.guest.blocks.items()}
         dec = ReturnPathDecoder(block_sizes=block_sizes)
+        self._rp_generation += 1
+        generation = self._rp_generation
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(fn: Callable[..., None], *args: Any) -> None:
+            def call() -> None:
+                if self._rp_generation == generation:  # not from a reader of an older connection
+                    fn(*args)
+
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(call)
+
+        fd = os.dup(stream.socket.fileno())
+        stop_r, stop_w = os.pipe()  # closed here, once the thread is done with them
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                self._rp_loop(fd, stop_r, dec, deliver)
+            finally:
+                done.set()
+
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            os.write(stop_w, b"x")
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(done.wait)
+            raise
+        finally:
+            for f in (fd, stop_r, stop_w):
+                os.close(f)
+
+    def _rp_loop(self, fd: int, stop_fd: int, dec: ReturnPathDecoder, deliver: Callable[..., None]) -> None:
+        """The reader thread: until the connection ends, fails, or ``stop_fd`` is readable."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
         try:
             while True:
-                data = await stream.receive_some(65536)
+                ready = [f for f, _ in poller.poll()]
+                if stop_fd in ready:
+                    return
+                try:
+                    data = os.read(fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
                 if not data:
-                    if not self._shut.is_set():
-                        self._rp_failed(LinkLost("destination closed the connection without SHUT"))
+                    deliver(self._rp_eof)
                     return
                 dec.feed(data)
                 for ev in dec.events():
-                    if isinstance(ev, RpPong):
-                        self.info.pongs.append(ev.value)
-                        self.log.debug("pong", value=ev.value)
-                    elif isinstance(ev, RpShut):
-                        self._shut_status = ev.status
-                        self._shut.set()
-                        if self.pc is not None:
-                            self.pc.changed.set()
-                    elif self.pc is not None and self.pc.on_return_path(ev):
-                        pass
+                    if isinstance(ev, RpReqPages):
+                        pc = self.pc
+                        if pc is None:
+                            raise ProtocolError("unexpected RpReqPages during precopy", channel="return-path")
+                        try:
+                            queued = pc.take_request(ev)
+                        except OSError as err:
+                            what = _describe_io_error(err)
+                            deliver(self._rp_failed, LinkLost(f"postcopy-preempt channel failed: {what}"))
+                            return
+                        if queued:
+                            deliver(pc.notify_request)
                     else:
-                        raise ProtocolError(
-                            f"unexpected {type(ev).__name__} during precopy", channel="return-path"
-                        )
+                        deliver(self._on_rp_event, ev)
         except (ProtocolError, PostcopyError) as err:
-            self._rp_failed(err)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
-            self._rp_failed(LinkLost(f"return path failed: {_describe_io_error(err)}"))
+            deliver(self._rp_failed, err)
+        except OSError as err:
+            deliver(self._rp_failed, LinkLost(f"return path failed: {_describe_io_error(err)}"))
+
+    def _rp_eof(self) -> None:
+        if not self._shut.is_set():
+            self._rp_failed(LinkLost("destination closed the connection without SHUT"))
+
+    def _on_rp_event(self, ev: Any) -> None:
+        """In trio: a return-path message other than a page request."""
+        if isinstance(ev, RpPong):
+            self.info.pongs.append(ev.value)
+            self.log.debug("pong", value=ev.value)
+        elif isinstance(ev, RpShut):
+            self._shut_status = ev.status
+            self._shut.set()
+            if self.pc is not None:
+                self.pc.changed.set()
+        else:
+            try:
+                if self.pc is None or not self.pc.on_return_path(ev):
+                    name = type(ev).__name__
+                    raise ProtocolError(f"unexpected {name} during precopy", channel="return-path")
+            except (ProtocolError, PostcopyError) as err:
+                self._rp_failed(err)
 
     def _rp_failed(self, err: BaseException) -> None:
         self._rp_error = err
