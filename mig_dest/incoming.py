@@ -10,8 +10,10 @@ completed; a failed stream leaves nothing behind but an error, and the daemon ta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -61,6 +63,7 @@ from protocol.events import (
 from protocol.return_path import encode_rp, recv_bitmap_size
 from protocol.xbzrle import decode_xbzrle
 
+from .faults import RP_SEND_TIMEOUT, FaultService, RpWriter
 from .postcopy import PostcopyState, PostcopyStateError, PostcopyStateMachine, ReceivedMap
 
 PAGE = 4096
@@ -165,7 +168,10 @@ class IncomingMigration:
         self._nursery: trio.Nursery | None = None
         self.pc = PostcopyStateMachine()
         self.received_map: ReceivedMap | None = None  # only with postcopy-ram on here
-        self._rp_lock = trio.Lock()  # RP writes come from the receive loop and the requester
+        self._rp: RpWriter | None = None  # the current connection's return path (any thread)
+        self._req_lock = threading.Lock()  # page requests: the received map's block state, in order
+        self._place_lock = threading.Lock()  # pages are placed by trio and the fault thread
+        self._service: FaultService | None = None  # postcopy's fault and preempt thread
         self._arrived = trio.Event()  # pages arrived while postcopy runs: wakes the requester
         self._stream: trio.SocketStream | None = None  # the current connection
         self.rp_connected = True  # False while postcopy is paused: requests wait for recovery
@@ -173,18 +179,16 @@ class IncomingMigration:
         self._recovered_any = False
         self._recv_size = RECV_SIZE
         self._fault_task = False  # a running guest's faults are served (native guest, postcopy)
-        self._awaited: np.ndarray | None = None  # faulted pages not placed yet
         self._preempt_open = False  # a postcopy-preempt channel is being read
         self._preempt_done = trio.Event()
         self.finished = trio.Event()  # run() returned: no more connections for this migration
-        self._fault_seen: dict[int, int] = {}  # faulted page -> monotonic_ns its fault was read
-        self.service_ns: list[int] = []  # per faulted page: fault read here -> page placed
 
     async def run(self, stream: trio.SocketStream) -> ReceivedGuest | None:
         """Receive the whole stream; returns the guest on success, None on failure."""
         self.status.to(MigrationStatus.SETUP)
         self.info.start_time = time.monotonic()
         self._stream = stream
+        self._rp = RpWriter(stream.socket)
         try:
             try:
                 await self._receive(stream)
@@ -193,7 +197,7 @@ class IncomingMigration:
                     raise group.exceptions[0] from None
                 raise
             if self.rp_open:
-                await self._stream.send_all(encode_rp(RpShut(0)))
+                await self._send_rp(encode_rp(RpShut(0)))
             self.info.end_time = time.monotonic()
             guest, self.guest = self.guest, None
             received = ReceivedGuest(
@@ -220,6 +224,7 @@ class IncomingMigration:
             await self._fail(self._stream, f"internal error: {type(err).__name__}: {err}")
         finally:
             self.finished.set()
+            self._rp.close()
             if self._stream is not stream:  # a recovery connection: ours to close
                 with _ignore_io():
                     await self._stream.aclose()
@@ -236,12 +241,13 @@ class IncomingMigration:
         self.log.error("incoming migration failed", error=desc)
         self.status.to(MigrationStatus.FAILED)
         if self.rp_open:
-            with trio.move_on_after(1), _ignore_io():
-                await stream.send_all(encode_rp(RpShut(1)))
+            with _ignore_io():
+                await self._send_rp(encode_rp(RpShut(1)), timeout=1)
 
-    async def _send_rp(self, stream: trio.SocketStream, data: bytes) -> None:
-        async with self._rp_lock:
-            await stream.send_all(data)
+    async def _send_rp(self, data: bytes, timeout: float = RP_SEND_TIMEOUT) -> None:
+        """One whole return-path message (the fault thread writes there too)."""
+        assert self._rp is not None
+        await trio.to_thread.run_sync(self._rp.send, data, timeout)
 
     async def _receive(self, stream: trio.SocketStream) -> None:
         """The stream, across as many connections as postcopy recovery needs."""
@@ -273,6 +279,9 @@ class IncomingMigration:
         )
         self.log.error("postcopy paused", error=why, missing_pages=missing)
         self.status.to(MigrationStatus.POSTCOPY_PAUSED)
+        with self._req_lock:  # no request half-written on the old connection
+            if self._rp is not None:
+                self._rp.close()
         if self._stream is not None and self._recovered_any:
             with _ignore_io():
                 await self._stream.aclose()
@@ -284,6 +293,8 @@ class IncomingMigration:
         self.log.info("postcopy recovery: source reconnected", peer=peer_name(stream))
         tune_socket(stream.socket)
         self._stream = stream
+        with self._req_lock:
+            self._rp = RpWriter(stream.socket)
         self.rp_connected = True
         return stream
 
@@ -334,8 +345,8 @@ class IncomingMigration:
                 # page views point into the decoder's buffer: apply them all before reading again
                 for ev in dec.events():
                     await self._handle(ev, stream)
-                if self._awaited is not None:
-                    self._wake_if_placed()
+                if self._service is not None:
+                    self._service.wake_if_placed()
                 if eof:
                     for ev in dec.end_of_input():
                         await self._handle(ev, stream)
@@ -352,50 +363,10 @@ class IncomingMigration:
             raise IncomingError(f"{dec.buffered} bytes of unexpected data after the end of the stream")
 
     async def _handle(self, ev: Event, stream: trio.SocketStream) -> None:
-        if isinstance(ev, Pages):
-            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
-            data = ev.data
-            n = len(idx)
-            if self.pc.listening:  # postcopy: a page is placed once, never overwritten
-                new = ~self._received(ev.block)[idx]
-                if not new.all():
-                    idx, data = idx[new], data[new]
-            if len(idx):
-                first, k = int(idx[0]), len(idx)
-                if is_page_run(idx):  # one slice copy
-                    self._pages[ev.block][first : first + k] = data
-                    self._written[ev.block][first : first + k] = True
-                    if self.received_map is not None:
-                        self.received_map.received[ev.block][first : first + k] = True
-                else:
-                    self._pages[ev.block][idx] = data
-                    self._written[ev.block][idx] = True
-                    if self.received_map is not None:
-                        self.received_map.received[ev.block][idx] = True
-            self.info.stats.normal += n
-            self.info.stats.normal_bytes += n * PAGE
+        if isinstance(ev, (Pages, ZeroPages)):
+            self._place(ev)
             if self.pc.state is PostcopyState.RUNNING:
                 self._arrived.set()
-        elif isinstance(ev, ZeroPages):
-            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
-            n = len(idx)
-            if self.pc.listening:
-                idx = idx[~self._received(ev.block)[idx]]
-            if ev.fill:
-                self._pages[ev.block][idx] = ev.fill
-                self._written[ev.block][idx] = True
-            else:
-                # fresh RAM is zero: only pages written earlier in this stream need clearing
-                written = self._written[ev.block]
-                hit = idx[written[idx]]
-                if len(hit):
-                    self._pages[ev.block][hit] = 0
-                    written[hit] = False
-            if self.received_map is not None:  # after the contents: a running vCPU may use it now
-                self.received_map.received[ev.block][idx] = True
-            if self.pc.state is PostcopyState.RUNNING:
-                self._arrived.set()
-            self.info.stats.duplicate += n
         elif isinstance(ev, XbzrlePage):
             if self.pc.listening:
                 raise IncomingError(
@@ -426,7 +397,7 @@ class IncomingMigration:
         elif isinstance(ev, Ping):
             if not self.rp_open:
                 raise IncomingError(f"PING {ev.value} arrived but no return path was opened")
-            await self._send_rp(stream, encode_rp(RpPong(ev.value)))
+            await self._send_rp(encode_rp(RpPong(ev.value)))
         elif isinstance(ev, PostcopyAdvise) and self.caps["postcopy-ram"]:
             self._postcopy_advise(ev)
         elif isinstance(ev, PostcopyRamDiscard) and self.caps["postcopy-ram"]:
@@ -496,6 +467,52 @@ class IncomingMigration:
                 f"{name} is not valid in a precopy migration (postcopy-ram/x-colo are off here)"
             )
 
+    def _place(self, ev: Pages | ZeroPages) -> None:
+        """Apply a run of pages or zero pages (from the trio loop or the fault thread). In
+        postcopy a page is placed once, never overwritten, and marked received only after its
+        contents are in place: a running vCPU may use it from then on."""
+        idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+        n = len(idx)
+        block = ev.block
+        rm = self.received_map
+        data = ev.data if isinstance(ev, Pages) else None
+        with self._place_lock:
+            if self.pc.listening:
+                new = ~rm.received[block][idx]
+                if not new.all():
+                    idx = idx[new]
+                    if data is not None:
+                        data = data[new]
+            if data is not None:
+                if len(idx):
+                    first, k = int(idx[0]), len(idx)
+                    if is_page_run(idx):  # one slice copy
+                        self._pages[block][first : first + k] = data
+                        self._written[block][first : first + k] = True
+                        if rm is not None:
+                            rm.received[block][first : first + k] = True
+                    else:
+                        self._pages[block][idx] = data
+                        self._written[block][idx] = True
+                        if rm is not None:
+                            rm.received[block][idx] = True
+                self.info.stats.normal += n
+                self.info.stats.normal_bytes += n * PAGE
+                return
+            if ev.fill:
+                self._pages[block][idx] = ev.fill
+                self._written[block][idx] = True
+            else:
+                # fresh RAM is zero: only pages written earlier in this stream need clearing
+                written = self._written[block]
+                hit = idx[written[idx]]
+                if len(hit):
+                    self._pages[block][hit] = 0
+                    written[hit] = False
+            if rm is not None:  # after the contents: a running vCPU may use it now
+                rm.received[block][idx] = True
+            self.info.stats.duplicate += n
+
     async def _create_guest(self, ev: RamBlockList) -> None:
         if self.guest is not None:
             raise IncomingError("second RAM block list in one stream")
@@ -529,6 +546,8 @@ class IncomingMigration:
 
     def _postcopy_advise(self, ev: PostcopyAdvise) -> None:
         self._postcopy_to(PostcopyState.ADVISE, "POSTCOPY_ADVISE")
+        if self._service is None:
+            self._start_service()
         if ev.host_page_summary is None:
             raise IncomingError(
                 "POSTCOPY_ADVISE without page sizes (dirty-bitmaps postcopy only) but postcopy-ram is on here"
@@ -576,9 +595,9 @@ class IncomingMigration:
         native = self.machine_type == self.model_machine_type
         block = guest.postcopy_block() if native else None
         if native and self.run_state == "running" and not self.paused_start and block is not None:
-            present = guest.arm_postcopy(self.received_map.received[block])
-            self.received_map.received[block] = present  # what we place, the vCPU sees
-            self._awaited = np.zeros(0, np.intp)
+            with self._place_lock:
+                present = guest.arm_postcopy(self.received_map.received[block])
+                self.received_map.received[block] = present  # what we place, the vCPU sees
             self._fault_task = True
             self._recv_size = POSTCOPY_RECV_SIZE
             assert self._stream is not None
@@ -588,7 +607,8 @@ class IncomingMigration:
             if self.on_run is not None:
                 self.on_run(guest)
             self.emit("RESUME", {})
-            self._nursery.start_soon(self._serve_faults, block)
+            assert self._service is not None
+            self._service.arm(guest, block, present, self.received_map.requested[block])
             self.log.info("postcopy running: the guest runs here", missing=self._missing_count())
         elif native:
             self.log.info("postcopy running: guest kept stopped", missing=self._missing_count())
@@ -598,77 +618,99 @@ class IncomingMigration:
 
     def _postcopy_end(self) -> None:
         if self._fault_task:
+            assert self._service is not None
+            self._service.disarm()
             self.guest.disarm_postcopy()
-            self.info.postcopy_faults = {**self.guest.fault_stats(), **self.service_stats()}
-            self._awaited = None
-
-    async def _send_requests(self, block: str, pages: np.ndarray) -> None:
-        """REQ_PAGES(_ID) for ``pages``, one per page as QEMU's destination sends them; while
-        paused they are only marked requested, and re-sent at resume."""
-        rm = self.received_map
-        assert rm is not None
-        rm.requested[block][pages] = True
-        if not self.rp_connected or not len(pages) or self._stream is None:
-            return
-        reqs = rm.requests_for(block, pages)
-        data = b"".join(encode_rp(r) for r in reqs)
-        async with self._rp_lock:
-            # never leave half a message on the RP (SHUT comes after it)
-            with trio.CancelScope(shield=True), trio.move_on_after(10), _ignore_io():
-                await self._stream.send_all(data)
-        self.info.postcopy_requests += len(reqs)
-
-    async def _serve_faults(self, block: str) -> None:
-        """The running guest's faults: request what it touches (once), wake it when placed."""
-        guest = self.guest
-        fd = guest.fault_fileno()
-        received = self.received_map.received
-        requested = self.received_map.requested[block]
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            pages = guest.read_faults()
-            if not len(pages):
-                continue
-            pages = pages[~received[block][pages]]
-            if not len(pages):
-                guest.wake_vcpu()  # placed meanwhile
-                continue
-            self._awaited = np.union1d(self._awaited, pages)
-            now = time.monotonic_ns()
-            for p in pages.tolist():
-                self._fault_seen.setdefault(p, now)
-            await self._send_requests(block, pages[~requested[pages]])
+            self.info.postcopy_faults = {**self.guest.fault_stats(), **self._service.service_stats()}
 
     def service_stats(self) -> dict[str, float]:
-        """The daemon's share of the fault latency: from reading a fault to placing its page
-        (the rest is the vCPU's wake-up and the fault message's delivery)."""
-        if not self.service_ns:
-            return {}
-        a = np.array(self.service_ns) / 1000
-        return {
-            "service-p50-us": round(float(np.percentile(a, 50)), 1),
-            "service-p99-us": round(float(np.percentile(a, 99)), 1),
-        }
+        return self._service.service_stats() if self._service is not None else {}
+
+    def _request(self, block: str, pages: np.ndarray) -> None:
+        """REQ_PAGES(_ID) for ``pages``, one per page as QEMU's destination sends them (from
+        any thread; blocking); while paused they are only marked requested, and re-sent at
+        resume. OSError if the return path cannot take them."""
+        rm = self.received_map
+        assert rm is not None
+        with self._req_lock:
+            rm.requested[block][pages] = True
+            if not self.rp_connected or not len(pages) or self._rp is None:
+                return
+            reqs = rm.requests_for(block, pages)
+            self._rp.send(b"".join(encode_rp(r) for r in reqs))
+            self.info.postcopy_requests += len(reqs)
+
+    async def _send_requests(self, block: str, pages: np.ndarray) -> None:
+        with _ignore_io():  # a broken link pauses postcopy: the requests are re-sent at resume
+            await trio.to_thread.run_sync(self._request, block, pages)
+
+    # ---- the fault thread (mig_dest/faults.py)
+
+    def _start_service(self) -> None:
+        """At POSTCOPY_ADVISE: the thread that will serve faults and preempt channels."""
+        assert self._nursery is not None
+        token = trio.lowlevel.current_trio_token()
+
+        def call_in_trio(fn: Callable[..., None], *args: Any) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(fn, *args)
+
+        self._service = FaultService(
+            request=self._request,
+            place=self._place_preempt,
+            call_in_trio=call_in_trio,
+            on_preempt_closed=self._preempt_closed,
+            log=self.log,
+        )
+        self._nursery.start_soon(self._run_service, self._service)
+
+    async def _run_service(self, service: FaultService) -> None:
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                service.run()
+            finally:
+                done.set()
+
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            service.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(done.wait)
+            raise
+        finally:
+            service.close()
+
+    def _place_preempt(self, ev: Pages | ZeroPages) -> None:
+        """In the fault thread: a page from the preempt channel."""
+        self._place(ev)
+        self.info.preempt_pages += len(ev.offsets)
+
+    def _preempt_closed(self, stream: trio.SocketStream, error: str | None, got: int) -> None:
+        """In trio: the fault thread is done with a preempt channel."""
+        if error is not None:
+            # the main channel decides: a broken link pauses postcopy, and after recovery the
+            # source opens a new preempt channel (pages still missing are requested again)
+            self.log.error("postcopy-preempt channel failed", error=error)
+        self.info.stats.transferred += got
+        stream.socket.close()
+        self._preempt_open = False
+        self._preempt_done.set()
 
     def attach_preempt(self, stream: trio.SocketStream) -> bool:
         """A second connection during postcopy with postcopy-preempt on: the source's channel for
-        requested pages (WIRE.md §6.7). False if this migration does not want one now."""
+        requested pages (WIRE.md §6.7), read by the fault thread. False if this migration does
+        not want one now."""
         if (
             not self.caps["postcopy-preempt"]
-            or self._nursery is None
+            or self._service is None
             or self._dec is None
             or self._preempt_open
             or self.pc.state is PostcopyState.NONE
         ):
             return False
-        self._preempt_open = True
-        self._preempt_done = trio.Event()
-        self.info.preempt_channels += 1
-        self._nursery.start_soon(self._receive_preempt, stream)
-        return True
-
-    async def _receive_preempt(self, stream: trio.SocketStream) -> None:
-        assert self._dec is not None
         ram_id = next((i for i, name in self._dec.sections.items() if name == "ram"), 0)
         dec = MainDecoder(
             zero_copy=True,
@@ -679,49 +721,12 @@ class IncomingMigration:
             channel="postcopy-preempt",
         )
         tune_socket(stream.socket)
-        raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self._preempt_open = True
+        self._preempt_done = trio.Event()
+        self.info.preempt_channels += 1
         self.log.info("postcopy-preempt channel open", peer=peer_name(stream))
-        try:
-            async with stream:
-                while not dec.finished:
-                    got, eof = _drain(raw, dec, POSTCOPY_RECV_SIZE)
-                    if not got and not eof:
-                        await trio.lowlevel.wait_readable(raw)
-                        continue
-                    self.info.stats.transferred += got
-                    for ev in dec.events():
-                        if isinstance(ev, (Pages, ZeroPages)):
-                            self.info.preempt_pages += len(ev.offsets)
-                            await self._handle(ev, stream)
-                        elif not isinstance(ev, RamEos):
-                            raise IncomingError(f"{type(ev).__name__} on the postcopy-preempt channel")
-                    self._wake_if_placed()
-                    if eof:
-                        dec.end_of_input()
-                        break
-        except (ProtocolError, IncomingError, OSError, trio.BrokenResourceError) as err:
-            # the main channel decides: a broken link pauses postcopy, and after recovery the
-            # source opens a new preempt channel (pages still missing are requested again)
-            self.log.error("postcopy-preempt channel failed", error=str(err))
-        finally:
-            raw.close()
-            self._preempt_open = False
-            self._preempt_done.set()
-
-    def _wake_if_placed(self) -> None:
-        awaited = self._awaited
-        if awaited is None or not len(awaited):
-            return
-        block = self.guest.postcopy_block()
-        placed = self.received_map.received[block][awaited]
-        if placed.any():
-            self._awaited = awaited[~placed]
-            self.guest.wake_vcpu()
-            now = time.monotonic_ns()
-            for p in awaited[placed].tolist():
-                seen = self._fault_seen.pop(p, None)
-                if seen is not None:
-                    self.service_ns.append(now - seen)
+        self._service.attach_preempt(stream, dec)
+        return True
 
     async def _send_recv_bitmap(self, block: str, stream: trio.SocketStream) -> None:
         if self.status.status is not MigrationStatus.POSTCOPY_RECOVER:
@@ -735,7 +740,7 @@ class IncomingMigration:
             raise IncomingError(f"RECV_BITMAP for unknown RAM block {block!r}")
         bits = np.packbits(rec.view(np.bool_), bitorder="little").tobytes()
         size = recv_bitmap_size(len(rec) * PAGE)
-        await self._send_rp(stream, encode_rp(RpRecvBitmap(block, bits.ljust(size, b"\0"))))
+        await self._send_rp(encode_rp(RpRecvBitmap(block, bits.ljust(size, b"\0"))))
 
     async def _postcopy_resume(self, stream: trio.SocketStream) -> None:
         if self.status.status is not MigrationStatus.POSTCOPY_RECOVER:
@@ -744,10 +749,11 @@ class IncomingMigration:
                 "only valid in postcopy-recover"
             )
         self.status.to(MigrationStatus.POSTCOPY_ACTIVE)
-        await self._send_rp(stream, encode_rp(RpResumeAck(1)))
+        await self._send_rp(encode_rp(RpResumeAck(1)))
         rm = self.received_map
         assert rm is not None
-        rm.forget_last_block()  # the first request on a new connection names its block
+        with self._req_lock:
+            rm.forget_last_block()  # the first request on a new connection names its block
         outstanding = 0
         for block in rm.received:
             pages = np.flatnonzero(rm.requested[block] & ~rm.received[block])
