@@ -105,7 +105,6 @@ class FaultService:
         self._awaited = np.zeros(0, np.intp)  # faulted pages not placed yet
         self._fault_seen: dict[int, int] = {}  # faulted page -> monotonic_ns its fault was read
         self.service_ns: list[int] = []  # per faulted page: fault read here -> page placed
-        self.preempt_pages = 0
         self.preempt_bytes = 0
 
     # ---- configuration, from trio
@@ -247,7 +246,6 @@ class FaultService:
             self.preempt_bytes += got
             for ev in dec.events():
                 if isinstance(ev, (Pages, ZeroPages)):
-                    self.preempt_pages += len(ev.offsets)
                     self._place(ev)
                 elif not isinstance(ev, RamEos):
                     raise ProtocolError(f"{type(ev).__name__} on the postcopy-preempt channel")

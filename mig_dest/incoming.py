@@ -25,6 +25,7 @@ import trio
 
 from control.daemon_common import tune_socket
 from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
+from control.priority import lower_thread_priority
 from guest.devices import DeviceState
 from protocol.decoder import MainDecoder
 from protocol.errors import ProtocolError
@@ -172,6 +173,7 @@ class IncomingMigration:
         self._req_lock = threading.Lock()  # page requests: the received map's block state, in order
         self._place_lock = threading.Lock()  # pages are placed by trio and the fault thread
         self._service: FaultService | None = None  # postcopy's fault and preempt thread
+        self._restore_priority: Callable[[], None] = _nothing  # the trio thread's, after postcopy
         self._arrived = trio.Event()  # pages arrived while postcopy runs: wakes the requester
         self._stream: trio.SocketStream | None = None  # the current connection
         self.rp_connected = True  # False while postcopy is paused: requests wait for recovery
@@ -224,6 +226,7 @@ class IncomingMigration:
             await self._fail(self._stream, f"internal error: {type(err).__name__}: {err}")
         finally:
             self.finished.set()
+            self._restore_priority()
             self._rp.close()
             if self._stream is not stream:  # a recovery connection: ours to close
                 with _ignore_io():
@@ -609,6 +612,9 @@ class IncomingMigration:
             self.emit("RESUME", {})
             assert self._service is not None
             self._service.arm(guest, block, present, self.received_map.requested[block])
+            # the receive loop streams in bulk from here on: the fault thread and the vCPU go
+            # first (control/priority.py)
+            self._restore_priority = lower_thread_priority(self.log)
             self.log.info("postcopy running: the guest runs here", missing=self._missing_count())
         elif native:
             self.log.info("postcopy running: guest kept stopped", missing=self._missing_count())
@@ -620,6 +626,8 @@ class IncomingMigration:
         if self._fault_task:
             assert self._service is not None
             self._service.disarm()
+            self._restore_priority()
+            self._restore_priority = _nothing
             self.guest.disarm_postcopy()
             self.info.postcopy_faults = {**self.guest.fault_stats(), **self._service.service_stats()}
 
@@ -795,6 +803,10 @@ class IncomingMigration:
             self.guest.load_device(ev.idstr, ev.instance_id, ev.version_id, ev.body)
         except ValueError as err:
             raise IncomingError(str(err)) from None
+
+
+def _nothing() -> None:
+    pass
 
 
 def is_page_run(idx: np.ndarray) -> bool:

@@ -298,9 +298,11 @@ class PostcopySource:
         with direct.lock:
             if direct.closed or direct.error is not None:
                 return  # the channel is gone: recovery rebuilds what is owed from the bitmaps
-            idx = self._claim(name, np.arange(first, first + n))
-            if not len(idx):
-                return  # already sent: on its way or there
+            idx = np.arange(first, first + n)
+            # also the pages a background batch already took: that copy may sit behind
+            # megabytes of the main channel's socket buffers, this one overtakes it (the
+            # destination places a page once and drops the later copy)
+            self._claim(name, idx)
             block = self.guest.blocks[name]
             data, n_zero, n_normal = encode_pages(direct.enc, name, block.pages, idx, self.holes[name])
             try:

@@ -36,6 +36,7 @@ import trio
 
 from control.daemon_common import tune_socket
 from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
+from control.priority import lower_thread_priority
 from protocol.encoder import MainEncoder, PageIov
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -809,6 +810,9 @@ class PrecopyMigration:
             return send
 
         direct = None
+        # this (trio) thread streams in bulk from here on: the return-path reader's thread and
+        # the destination's fault path go first (control/priority.py)
+        restore_priority = lower_thread_priority(self.log)
         if preempt is not None:  # requested pages on their own connection, with their own CONTINUE state
             direct = DirectSender(MainEncoder(), os.dup(preempt.socket.fileno()))
         try:
@@ -831,6 +835,7 @@ class PrecopyMigration:
                     await trio.to_thread.run_sync(self.pc.stop_direct)
                     os.close(direct.fd)
                     await preempt.aclose()
+            restore_priority()
         await sender.send(self.pc.end_of_stream(enc, RAM_SECTION_ID))
         await self._await_completion(stream)
         self._completed()
