@@ -26,6 +26,7 @@ import trio
 from control.daemon_common import tune_socket
 from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
 from control.priority import lower_thread_priority
+from control.threads import run_owned_thread
 from guest.devices import DeviceState
 from protocol.decoder import MainDecoder
 from protocol.errors import ProtocolError
@@ -673,21 +674,8 @@ class IncomingMigration:
         self._nursery.start_soon(self._run_service, self._service)
 
     async def _run_service(self, service: FaultService) -> None:
-        done = threading.Event()
-
-        def work() -> None:
-            try:
-                service.run()
-            finally:
-                done.set()
-
         try:
-            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except trio.Cancelled:
-            service.stop()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(done.wait)
-            raise
+            await run_owned_thread(service.run, service.stop)
         finally:
             service.close()
 

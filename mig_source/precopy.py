@@ -37,6 +37,7 @@ import trio
 from control.daemon_common import tune_socket
 from control.params import Capabilities, MigrationStatus, Parameters, RamStats, StatusMachine
 from control.priority import lower_thread_priority
+from control.threads import run_owned_thread
 from protocol.encoder import MainEncoder, PageIov
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -273,24 +274,12 @@ class PageSender:
         Cancellation sets an abort flag and then waits, shielded, for the thread to stop, so
         no thread is left writing to a socket that the caller is about to close."""
         abort = threading.Event()
-        done = threading.Event()
         # our own descriptor of the connection: valid for the thread whatever trio closes
         fd = os.dup(self.stream.socket.fileno())
-
-        def work() -> None:
-            try:
-                self._pump(batches, fd, abort)
-            finally:
-                os.close(fd)
-                done.set()
-
         try:
-            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except trio.Cancelled:
-            abort.set()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(done.wait)
-            raise
+            await run_owned_thread(lambda: self._pump(batches, fd, abort), abort.set)
+        finally:
+            os.close(fd)
 
     def _pump(self, batches: Iterator[Any], fd: int, abort: threading.Event) -> None:
         for item in batches:
@@ -911,21 +900,10 @@ class PrecopyMigration:
 
         fd = os.dup(stream.socket.fileno())
         stop_r, stop_w = os.pipe()  # closed here, once the thread is done with them
-        done = threading.Event()
-
-        def work() -> None:
-            try:
-                self._rp_loop(fd, stop_r, dec, deliver)
-            finally:
-                done.set()
-
         try:
-            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except trio.Cancelled:
-            os.write(stop_w, b"x")
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(done.wait)
-            raise
+            await run_owned_thread(
+                lambda: self._rp_loop(fd, stop_r, dec, deliver), lambda: os.write(stop_w, b"x")
+            )
         finally:
             for f in (fd, stop_r, stop_w):
                 os.close(f)
