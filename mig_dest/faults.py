@@ -29,6 +29,8 @@ from protocol.decoder import MainDecoder
 from protocol.errors import ProtocolError
 from protocol.events import Pages, RamEos, ZeroPages
 
+from .drain import drain
+
 RP_SEND_TIMEOUT = 10.0  # s: a return-path write that cannot finish by then gives up
 PREEMPT_RECV_SIZE = 256 << 10
 
@@ -100,7 +102,7 @@ class FaultService:
         self._received: np.ndarray | None = None
         self._requested: np.ndarray | None = None
         # preempt channel (set by attach_preempt): (trio stream, our fd, its decoder)
-        self._preempt: tuple[Any, int, MainDecoder] | None = None
+        self._preempt: tuple[Any, socket.socket, MainDecoder] | None = None
         self.awaited_lock = threading.Lock()
         self._awaited = np.zeros(0, np.intp)  # faulted pages not placed yet
         self._fault_seen: dict[int, int] = {}  # faulted page -> monotonic_ns its fault was read
@@ -120,9 +122,9 @@ class FaultService:
         self._poke()
 
     def attach_preempt(self, stream: Any, decoder: MainDecoder) -> None:
-        fd = os.dup(stream.socket.fileno())
+        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))  # ours, non-blocking like trio's
         with self._config_lock:
-            self._preempt = (stream, fd, decoder)
+            self._preempt = (stream, sock, decoder)
         self._poke()
 
     def stop(self) -> None:
@@ -159,7 +161,7 @@ class FaultService:
                 if fault_fd is not None:
                     poller.register(fault_fd, select.POLLIN)
                 if preempt is not None:
-                    poller.register(preempt[1], select.POLLIN)
+                    poller.register(preempt[1].fileno(), select.POLLIN)
                 while not self._stop:
                     ready = dict(poller.poll())
                     if self._wake_r in ready:
@@ -170,7 +172,11 @@ class FaultService:
                         if ready[fault_fd] & (select.POLLHUP | select.POLLERR):
                             poller.unregister(fault_fd)  # the vCPU is gone: no more faults
                             fault_fd = None
-                    if preempt is not None and preempt[1] in ready and not self._receive_preempt(preempt):
+                    if (
+                        preempt is not None
+                        and preempt[1].fileno() in ready
+                        and not self._receive_preempt(preempt)
+                    ):
                         break
         finally:
             with self._config_lock:
@@ -225,24 +231,12 @@ class FaultService:
                     self.service_ns.append(now - seen)
         guest.wake_vcpu()
 
-    def _receive_preempt(self, preempt: tuple[Any, int, MainDecoder]) -> bool:
+    def _receive_preempt(self, preempt: tuple[Any, socket.socket, MainDecoder]) -> bool:
         """Read and place what the preempt channel has; False once it ended (closed here)."""
-        _stream, fd, dec = preempt
+        _stream, sock, dec = preempt
         error: str | None = None
-        ended = False
         try:
-            view = dec.writable(PREEMPT_RECV_SIZE)[:PREEMPT_RECV_SIZE]
-            got = 0
-            while got < len(view):
-                try:
-                    n = os.readv(fd, [view[got:]])
-                except (BlockingIOError, InterruptedError):
-                    break
-                if n == 0:
-                    ended = True
-                    break
-                got += n
-            dec.commit(got)
+            got, ended = drain(sock, dec, PREEMPT_RECV_SIZE)
             self.preempt_bytes += got
             for ev in dec.events():
                 if isinstance(ev, (Pages, ZeroPages)):
@@ -266,8 +260,8 @@ class FaultService:
         self._close_preempt(preempt, error)
         return False
 
-    def _close_preempt(self, preempt: tuple[Any, int, MainDecoder], error: str | None) -> None:
-        os.close(preempt[1])
+    def _close_preempt(self, preempt: tuple[Any, socket.socket, MainDecoder], error: str | None) -> None:
+        preempt[1].close()
         self._call_in_trio(self._on_preempt_closed, preempt[0], error, self.preempt_bytes)
         self.preempt_bytes = 0
 

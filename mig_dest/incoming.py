@@ -65,6 +65,7 @@ from protocol.events import (
 from protocol.return_path import encode_rp, recv_bitmap_size
 from protocol.xbzrle import decode_xbzrle
 
+from .drain import drain
 from .faults import RP_SEND_TIMEOUT, FaultService, RpWriter
 from .postcopy import PostcopyState, PostcopyStateError, PostcopyStateMachine, ReceivedMap
 
@@ -339,7 +340,7 @@ class IncomingMigration:
         try:
             while not self._done:
                 try:
-                    got, eof = _drain(raw, dec, self._recv_size)
+                    got, eof = drain(raw, dec, self._recv_size)
                 except OSError as err:
                     raise LinkLost(f"connection from the source failed: {err.strerror or err}") from None
                 if not got and not eof:
@@ -812,25 +813,6 @@ def peer_name(stream: trio.SocketStream) -> str:
         return f"{h}:{p}"
     except OSError:
         return "?"
-
-
-def _drain(sock: socket.socket, dec: MainDecoder, limit: int) -> tuple[int, bool]:
-    """Read what the socket has queued, up to ``limit`` bytes, into the decoder, never blocking;
-    returns (bytes read, whether the peer closed)."""
-    # reserve once, while almost nothing is undecoded, so the buffer never compacts mid-drain
-    view = dec.writable(limit)[:limit]
-    got = 0
-    while got < limit:
-        try:
-            n = sock.recv_into(view[got:])
-        except (BlockingIOError, InterruptedError):
-            break
-        if n == 0:
-            dec.commit(got)
-            return got, True
-        got += n
-    dec.commit(got)
-    return got, False
 
 
 class _ignore_io:

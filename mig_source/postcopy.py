@@ -402,8 +402,6 @@ class PostcopySource:
         section_id: int,
         check: Callable[[], None],
         send: Callable[[Any], Any],
-        urgent: Any,
-        send_urgent: Callable[[Any], Any],
         *,
         direct: DirectSender | None = None,
     ) -> None:
@@ -412,17 +410,17 @@ class PostcopySource:
 
         ``send`` sends without rate limit; background pages are accounted to ``sender.limiter``
         afterwards, and its waits end early when a request arrives. Without ``direct``,
-        requested pages are encoded by ``urgent`` (a PageSender) and sent by ``send_urgent``
-        between two background batches on the main channel. With ``direct`` (a postcopy-preempt
-        channel) the return-path reader's thread sends each the moment it is asked for, while
-        a background batch may still be on its way; :meth:`stop_direct` ends that."""
+        requested pages go by ``send`` too, between two background batches on the main channel.
+        With ``direct`` (a postcopy-preempt channel) the return-path reader's thread sends each
+        the moment it is asked for, while a background batch may still be on its way;
+        :meth:`stop_direct` ends that."""
         enc = sender.enc
         await sender.send(enc.encode(SectionPart(section_id)))
         if direct is not None:
             early = self.start_direct(direct)
             if early:  # asked for before the channel was there
                 await trio.to_thread.run_sync(self._serve_taken, direct, early)
-        await self._background_loop(sender, section_id, check, send, urgent, send_urgent, direct is not None)
+        await self._background_loop(sender, section_id, check, send, direct is not None)
         check()
         self.stats.remaining = 0
         self.log.info(
@@ -435,7 +433,7 @@ class PostcopySource:
         for req in reqs:
             self._serve_direct(direct, *req)
 
-    async def _serve_requests(self, urgent: Any, send_urgent: Callable[[Any], Any]) -> int:
+    async def _serve_requests(self, enc: MainEncoder, send: Callable[[Any], Any]) -> int:
         """Send every page asked for so far that is still ours to send; returns how many."""
         reqs = self.requests.take()
         if not reqs:
@@ -450,11 +448,11 @@ class PostcopySource:
             idx = self._claim(name, np.unique(np.concatenate(parts)))
             if not len(idx):
                 continue  # already sent: on its way (or there)
-            data, n_zero, n_normal = encode_pages(urgent.enc, name, blocks[name].pages, idx, self.holes[name])
+            data, n_zero, n_normal = encode_pages(enc, name, blocks[name].pages, idx, self.holes[name])
             count_pages(self.stats, n_zero, n_normal)
             # a record must never be cut short on its channel: finish the send even if cancelled
             with trio.CancelScope(shield=True):
-                await send_urgent(data)
+                await send(data)
             self.requested_pages_sent += len(idx)
             sent += len(idx)
         return sent
@@ -465,8 +463,6 @@ class PostcopySource:
         section_id: int,
         check: Callable[[], None],
         send: Callable[[Any], Any],
-        urgent: Any,
-        send_urgent: Callable[[Any], Any],
         preempt: bool,
     ) -> None:
         enc = sender.enc
@@ -476,7 +472,7 @@ class PostcopySource:
         while True:
             check()
             if not preempt:
-                n = await self._serve_requests(urgent, send_urgent)
+                n = await self._serve_requests(enc, send)
                 if n:
                     in_section += n
                     continue

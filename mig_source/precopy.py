@@ -810,8 +810,6 @@ class PrecopyMigration:
                 RAM_SECTION_ID,
                 self._check_return_path,
                 sending(stream),
-                sender,
-                sending(stream),
                 direct=direct,
             )
             if direct is not None:
