@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import socket
+from typing import Protocol
 
 from protocol.decoder import MainDecoder
 
 
-def drain(sock: socket.socket, dec: MainDecoder, limit: int) -> tuple[int, bool]:
+class Recv(Protocol):
+    """A non-blocking connection: ``recv_into`` raises BlockingIOError when nothing is queued."""
+
+    def recv_into(self, buffer: memoryview) -> int: ...
+
+
+def drain(sock: Recv, dec: MainDecoder, limit: int) -> tuple[int, bool]:
     """Read what the socket has queued, up to ``limit`` bytes, into the decoder, never blocking;
     returns (bytes read, whether the peer closed)."""
     # reserve once, while almost nothing is undecoded, so the buffer never compacts mid-drain

@@ -1,8 +1,10 @@
 """The destination side of one incoming migration: decode the stream, build and fill the guest.
 
-The receive loop reads straight into the decoder's buffer (``recv_into``), and page runs are
-applied from zero-copy views into guest RAM before the next read, so each page byte is copied
-once by the kernel and once into RAM.
+In a page run the receive loop reads the records it predicts straight into guest RAM
+(``protocol.pagewindow``, ``mig_dest.scatter``): one ``recvmsg`` puts each page where it belongs,
+the kernel's copy being the only one. Everything else, and whatever the prediction got wrong,
+goes through the decoder's buffer (``recv_into``); page runs decoded there are applied from
+zero-copy views into guest RAM before the next read.
 
 A stream is applied to a *new* guest. It becomes the daemon's guest only when the migration
 completed; a failed stream leaves nothing behind but an error, and the daemon takes the next one.
@@ -18,7 +20,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import trio
@@ -62,15 +64,21 @@ from protocol.events import (
     XbzrlePage,
     ZeroPages,
 )
+from protocol.pagewindow import MAX_RECORDS, PAGE_REC, PageWindow
 from protocol.return_path import encode_rp, recv_bitmap_size
 from protocol.xbzrle import decode_xbzrle
 
+from . import scatter
 from .drain import drain
 from .faults import RP_SEND_TIMEOUT, FaultService, RpWriter
 from .postcopy import PostcopyState, PostcopyStateError, PostcopyStateMachine, ReceivedMap
 
 PAGE = 4096
 RECV_SIZE = 1 << 20  # per recv_into: a page run's worth, applied while still in cache
+# in a page run, once a read emptied the socket: wait until a whole page window is queued (or
+# this long) instead of spinning on whatever arrived meanwhile, which costs a Python round per
+# ~100 KiB and takes the CPU from the sender on a 2-core machine
+PACE_TIMEOUT = 0.002
 # postcopy: page requests outstanding at most (sent in batches as the pages arrive)
 MAX_OUTSTANDING_REQUESTS = 256
 REQUEST_POLL = 0.05  # s: the requester looks again at least this often
@@ -182,6 +190,7 @@ class IncomingMigration:
         self._recovery: Any = None  # (send, receive) channel of the recovery connection
         self._recovered_any = False
         self._recv_size = RECV_SIZE
+        self.window_records = MAX_RECORDS  # records per speculative page window (tests vary it)
         self._fault_task = False  # a running guest's faults are served (native guest, postcopy)
         self._preempt_open = False  # a postcopy-preempt channel is being read
         self._preempt_done = trio.Event()
@@ -333,39 +342,112 @@ class IncomingMigration:
         # the window to tcp_rmem's maximum (32 MiB here) where rmem_max caps a set one at 4 MiB
         if self._fault_task and not self.caps["postcopy-preempt"]:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_RCVBUF)
-        stats = self.info.stats
         # our own descriptor of the connection, non-blocking like trio's: drained in a tight
         # loop so that the decoder sees ~1 MiB at a time, not whatever one recv happened to get
         raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         try:
-            while not self._done:
-                try:
-                    got, eof = drain(raw, dec, self._recv_size)
-                except OSError as err:
-                    raise LinkLost(f"connection from the source failed: {err.strerror or err}") from None
-                if not got and not eof:
-                    await trio.lowlevel.wait_readable(raw)
-                    continue
-                stats.transferred += got
-                # page views point into the decoder's buffer: apply them all before reading again
-                for ev in dec.events():
-                    await self._handle(ev, stream)
-                if self._service is not None:
-                    self._service.wake_if_placed()
-                if eof:
-                    for ev in dec.end_of_input():
-                        await self._handle(ev, stream)
-                    if not self._eof:
-                        raise LinkLost(
-                            f"the source closed the connection before the end of the stream "
-                            f"(after {stats.transferred} bytes)"
-                        )
-                    break
-                await trio.lowlevel.checkpoint()  # let QMP and the return path run
+            await self._pump(_SocketReader(raw), dec, stream)
         finally:
             raw.close()
         if dec.buffered:
             raise IncomingError(f"{dec.buffered} bytes of unexpected data after the end of the stream")
+
+    async def _pump(self, reader: Reader, dec: MainDecoder, stream: trio.SocketStream) -> None:
+        """Read the connection into guest RAM and the decoder, and apply it, until the stream is
+        done."""
+        stats = self.info.stats
+        window = PageWindow(self.window_records)
+        pace = 0  # bytes to let queue up before the next read
+        while not self._done:
+            if pace:
+                await reader.wait_for(pace, PACE_TIMEOUT)
+                pace = 0
+            try:
+                step = self._speculate(reader, dec, window)
+                if step is not None:
+                    got, eof, drained = step
+                else:
+                    got, eof = drain(reader, dec, self._recv_size)
+                    drained = False
+            except OSError as err:
+                raise LinkLost(f"connection from the source failed: {err.strerror or err}") from None
+            if not got and not eof:
+                await reader.wait_readable()
+                continue
+            stats.transferred += got
+            if drained and not eof and dec.page_prediction() is not None:
+                pace = window.max_records * PAGE_REC
+            # page views point into the decoder's buffer: apply them all before reading again
+            for ev in dec.events():
+                await self._handle(ev, stream)
+            if self._service is not None:
+                self._service.wake_if_placed()
+            if eof:
+                for ev in dec.end_of_input():
+                    await self._handle(ev, stream)
+                if not self._eof:
+                    raise LinkLost(
+                        f"the source closed the connection before the end of the stream "
+                        f"(after {stats.transferred} bytes)"
+                    )
+                break
+            await trio.lowlevel.checkpoint()  # let QMP and the return path run
+
+    def _speculate(
+        self, reader: Reader, dec: MainDecoder, window: PageWindow
+    ) -> tuple[int, bool, bool] | None:
+        """In a page run: receive the records the decoder predicts straight into guest RAM, keep
+        those whose header proves the prediction, and hand the rest back to the decoder. Returns
+        (bytes received, peer closed, whether that emptied the socket), or None when there is
+        nothing to predict."""
+        if self.pc.listening or self._fault_task:
+            return None  # postcopy places a page once, and a running guest may read RAM
+        pred = dec.page_prediction()
+        if pred is None:
+            return None
+        written = self._written.get(pred.block)
+        if written is None:
+            return None
+        first = pred.offset // PAGE
+        # only pages not written yet in this stream: they are zero, so a wrong guess is undone
+        # by zeroing what it touched
+        fresh = written[first : first + window.max_records]
+        k = int(fresh.argmax())
+        if not fresh[k]:
+            k = len(fresh)
+        if not k:
+            return None
+        iov = window.open(self._pages[pred.block], first, k, dec.held())
+        room = k * PAGE_REC - pred.held
+        try:
+            got, eof = reader.recv_iov(iov)
+            if got:
+                window.fill_held()
+                total = pred.held + got
+                good = window.verified(total)
+                if good:
+                    with self._place_lock:
+                        self._placed(pred.block, slice(first, first + good), good)
+                    dec.take_pages(good)
+                start = max(good * PAGE_REC, pred.held)  # held bytes not taken stay in dec
+                if total > start:
+                    out = dec.writable(total - start)
+                    window.copy_out(start, total, np.frombuffer(out, np.uint8, count=total - start))
+                    dec.commit(total - start)
+                window.scrub(good, total)
+        finally:
+            window.close()
+        return got, eof, got < room
+
+    def _placed(self, block: str, where: slice | np.ndarray, n: int) -> None:
+        """The contents of PAGE records are in place at ``where`` (of ``n`` records: in postcopy
+        some may have been dropped as already here): the bookkeeping of both receive paths.
+        Under ``_place_lock``."""
+        self._written[block][where] = True
+        if self.received_map is not None:  # after the contents: a running vCPU may use it now
+            self.received_map.received[block][where] = True
+        self.info.stats.normal += n
+        self.info.stats.normal_bytes += n * PAGE
 
     async def _handle(self, ev: Event, stream: trio.SocketStream) -> None:
         if isinstance(ev, (Pages, ZeroPages)):
@@ -493,16 +575,12 @@ class IncomingMigration:
                     first, k = int(idx[0]), len(idx)
                     if is_page_run(idx):  # one slice copy
                         self._pages[block][first : first + k] = data
-                        self._written[block][first : first + k] = True
-                        if rm is not None:
-                            rm.received[block][first : first + k] = True
+                        self._placed(block, slice(first, first + k), n)
                     else:
                         self._pages[block][idx] = data
-                        self._written[block][idx] = True
-                        if rm is not None:
-                            rm.received[block][idx] = True
-                self.info.stats.normal += n
-                self.info.stats.normal_bytes += n * PAGE
+                        self._placed(block, idx, n)
+                else:
+                    self._placed(block, idx, n)
                 return
             if ev.fill:
                 self._pages[block][idx] = ev.fill
@@ -813,6 +891,46 @@ def peer_name(stream: trio.SocketStream) -> str:
         return f"{h}:{p}"
     except OSError:
         return "?"
+
+
+class Reader(Protocol):
+    """What the receive loop reads from: a non-blocking connection."""
+
+    def recv_into(self, buffer: memoryview) -> int: ...  # BlockingIOError: nothing queued
+
+    def recv_iov(self, iov: np.ndarray) -> tuple[int, bool]: ...  # like scatter.recv_iov
+
+    async def wait_readable(self) -> None: ...
+
+    async def wait_for(self, n: int, timeout: float) -> None: ...  # n bytes queued, or timeout
+
+
+class _SocketReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.recv_into = sock.recv_into
+        self._lowat = 1
+
+    def recv_iov(self, iov: np.ndarray) -> tuple[int, bool]:
+        return scatter.recv_iov(self.fd, iov)
+
+    async def wait_readable(self) -> None:
+        self._set_lowat(1)
+        await trio.lowlevel.wait_readable(self.sock)
+
+    async def wait_for(self, n: int, timeout: float) -> None:
+        # SO_RCVLOWAT: the socket polls readable (and the kernel wakes us) only once n bytes are
+        # queued; it does not change what a non-blocking read returns
+        self._set_lowat(n)
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(self.sock)
+
+    def _set_lowat(self, n: int) -> None:
+        if n != self._lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self._lowat = n
+
 
 
 class _ignore_io:

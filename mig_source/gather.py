@@ -28,7 +28,7 @@ MSG_DONTWAIT = 0x40
 MSG_NOSIGNAL = 0x4000
 
 
-class _MsgHdr(ctypes.Structure):
+class MsgHdr(ctypes.Structure):
     _fields_ = [
         ("msg_name", ctypes.c_void_p),
         ("msg_namelen", ctypes.c_uint32),
@@ -42,7 +42,7 @@ class _MsgHdr(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _sendmsg = _libc.sendmsg
-_sendmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
+_sendmsg.argtypes = [ctypes.c_int, ctypes.POINTER(MsgHdr), ctypes.c_int]
 _sendmsg.restype = ctypes.c_ssize_t
 
 
@@ -57,7 +57,7 @@ def sendmsg_all(fd: int, iov: np.ndarray, abort: threading.Event | None = None) 
     ends = np.cumsum(base[:, 1])  # stream offset where each segment ends
     total = int(ends[-1])
     work = base.copy()  # a partial send advances the first unfinished segment in here
-    msg = _MsgHdr()
+    msg = MsgHdr()
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     start = 0  # first segment not completely written

@@ -30,6 +30,7 @@ import enum
 import json
 import struct
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,6 +92,14 @@ MAX_DISCARD_RANGES = 12
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
 _be64 = struct.Struct(">Q")
+
+
+class PagePrediction(NamedTuple):
+    """The PAGE record a stream in the middle of a page run most likely holds next."""
+
+    block: str
+    offset: int  # of the page: the record's header is ``offset | PAGE | CONTINUE``
+    held: int  # bytes of that record the decoder already holds (fewer than a whole record)
 
 
 class _NeedMore(Exception):
@@ -206,6 +215,7 @@ class MainDecoder:
         self._cur_section: int | None = None  # section whose body/footer is being parsed
         self._cur_block: str | None = None  # CONTINUE state of this stream
         self._cur_block_size = 0
+        self._next_page: int | None = None  # right after a PAGE record: the offset that follows it
         self._ram_section_kind: type[Event] | None = None
         self._seen_mem_size = False
         self._postcopy_hugepages = False
@@ -274,6 +284,51 @@ class MainDecoder:
     @property
     def buffered(self) -> int:
         return self._w - self._r
+
+    # ------------------------------------------------------------------ page records taken outside
+
+    def page_prediction(self) -> PagePrediction | None:
+        """When the decoder sits in a RAM section right after a PAGE record, with every event
+        delivered and at most part of one more record buffered (whose header, if complete, is the
+        CONTINUE PAGE record of the next page): that next record. A receiver may then read the
+        records that follow straight into guest RAM, check their headers itself and report the
+        ones that matched with :meth:`take_pages`; anything else it must :meth:`feed` back, in
+        stream order. None otherwise."""
+        nxt = self._next_page
+        if (
+            nxt is None
+            or self._state is not _State.RAM_BODY
+            or self._pending
+            or self._error is not None
+            or self._ended
+            or self._cur_block is None
+            or nxt + PAGE > self._cur_block_size
+        ):
+            return None
+        held = self._w - self._r
+        if held >= PAGE_REC:
+            return None  # a whole record is here: decode it
+        if held >= 8 and _be64.unpack_from(self._buf, self._r)[0] != nxt | PAGE_CONT:
+            return None
+        return PagePrediction(self._cur_block, nxt, held)
+
+    def held(self) -> memoryview:
+        """The buffered start of the predicted record (``page_prediction().held`` bytes); valid
+        until the decoder is fed again."""
+        return memoryview(self._buf)[self._r : self._w]
+
+    def take_pages(self, k: int) -> None:
+        """``k`` records, the predicted one and the ``k - 1`` CONTINUE PAGE records of the pages
+        after it, were consumed outside the decoder (the held bytes were the first record's
+        start). The stream goes on after them, in the same block."""
+        pred = self.page_prediction()
+        if pred is None or k < 1 or pred.offset + k * PAGE > self._cur_block_size:
+            raise RuntimeError(f"take_pages({k}) without a prediction that covers it")
+        # the held bytes leave the buffer; offsets of what follows move on by k whole records
+        self._dropped += k * PAGE_REC - pred.held
+        self._r = self._w
+        self.bytes_consumed += k * PAGE_REC
+        self._next_page = pred.offset + k * PAGE
 
     # ------------------------------------------------------------------ output side
 
@@ -363,9 +418,12 @@ class MainDecoder:
         # items advance self._r only once complete, so waiting for more needs no rewind
         rd = _Reader(self._buf, self._r, self._w)
         try:
-            return self._parse(rd)
+            ev = self._parse(rd)
         except _NeedMore:
             return None
+        if ev is not None and type(ev) is not Pages:
+            self._next_page = None  # the prediction holds only right after a PAGE record
+        return ev
 
     def _advance(self, rd: _Reader) -> None:
         self.bytes_consumed += rd.pos - self._r
@@ -614,6 +672,7 @@ class MainDecoder:
             data = self._buf[rd.pos : rd.pos + PAGE].reshape(1, PAGE)
             rd.pos += PAGE
             self._advance(rd)
+            self._next_page = offset + PAGE
             return Pages(block, np.array([offset], dtype=np.uint64), data if self._zero_copy else data.copy())
         if kind == RamFlag.XBZRLE:
             block, size = self._block_for(rd, flags, at)
@@ -742,6 +801,7 @@ class MainDecoder:
         data = np.ndarray((k, PAGE), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(PAGE_REC, 1))
         self._r = pos + k * PAGE_REC
         self.bytes_consumed += k * PAGE_REC
+        self._next_page = int(offsets[-1]) + PAGE
         return Pages(self._cur_block or "", offsets, data if self._zero_copy else data.copy())
 
     def _check_run(self, offsets: np.ndarray, pos: int, rec_size: int) -> None:
