@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("precopy", help="daemon to daemon over loopback vs a raw loopback copy")
     p.add_argument("--size", type=_size, default=1 << 30)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("qemu", help="QEMU->QEMU vs QEMU->mig-dest, 1 GiB guest with 768 MiB random data")
     p.add_argument("--rounds", type=int, default=3)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "precopy":
         from .precopy_bench import report, run
 
-        result = run(args.size)
+        result = run(args.size, args.rounds)
         print(json.dumps(result, indent=2) if args.json else report(result))
         return 0
     if args.bench == "postcopy":
