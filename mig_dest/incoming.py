@@ -345,10 +345,11 @@ class IncomingMigration:
         # our own descriptor of the connection, non-blocking like trio's: drained in a tight
         # loop so that the decoder sees ~1 MiB at a time, not whatever one recv happened to get
         raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        reader = _SocketReader(raw)
         try:
-            await self._pump(_SocketReader(raw), dec, stream)
+            await self._pump(reader, dec, stream)
         finally:
-            raw.close()
+            reader.close()
         if dec.buffered:
             raise IncomingError(f"{dec.buffered} bytes of unexpected data after the end of the stream")
 
@@ -931,6 +932,12 @@ class _SocketReader:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
             self._lowat = n
 
+    def close(self) -> None:
+        """Close our descriptor; the connection itself stays as trio has it (SO_RCVLOWAT is
+        the socket's, shared with trio's descriptor)."""
+        with contextlib.suppress(OSError):
+            self._set_lowat(1)
+        self.sock.close()
 
 
 class _ignore_io:
