@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,13 +52,23 @@ def _qemu_argv(qmp: Path, blob: Path | None, incoming: bool, prealloc: bool = Fa
     return argv
 
 
+def _listening(path: Path) -> bool:
+    """A connection to the UNIX socket succeeds: QEMU binds it some time before it listens."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.asynccontextmanager
 async def _process(argv: list[str], sock: Path, log: Path):  # type: ignore[no-untyped-def]
     with open(log, "wb") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT)
         try:
             with trio.fail_after(30):
-                while not sock.exists():
+                while not _listening(sock):
                     if proc.poll() is not None:
                         raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-1500:]}")
                     await trio.sleep(0.02)
