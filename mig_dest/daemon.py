@@ -111,7 +111,12 @@ class DestDaemon(DaemonShell):
                 ]
             out["x-refused-connections"] = self.refused
             if self.prealloc:
-                out["x-prealloc"] = {"size": self.prealloc, "ready": bool(self.pool and self.pool.ready)}
+                pool = self.pool
+                out["x-prealloc"] = {
+                    "size": self.prealloc,
+                    "ready": bool(pool and pool.ready),
+                    "huge-bytes": pool.huge_bytes if pool else 0,
+                }
             return out
 
         @reg.command("migrate-recover", Arg("uri", str))
@@ -271,7 +276,12 @@ class DestDaemon(DaemonShell):
         self.pool = pool
         t = time.monotonic()
         await trio.to_thread.run_sync(pool.populate)
-        self.log.info("guest memory preallocated", size=self.prealloc, seconds=round(time.monotonic() - t, 2))
+        self.log.info(
+            "guest memory preallocated",
+            size=self.prealloc,
+            huge_pages=pool.huge_bytes,
+            seconds=round(time.monotonic() - t, 2),
+        )
 
     async def _incoming(self, stream: trio.SocketStream, peer: str) -> None:
         self._migration_id += 1

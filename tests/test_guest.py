@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -23,7 +24,7 @@ from guest import (
     parse_workload,
 )
 from guest.check import check_block
-from guest.ram import Fill
+from guest.ram import Fill, RamPool
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -135,6 +136,37 @@ def test_ram_block_close_with_live_view() -> None:
     assert b.closed and view[3, 0] == 9  # the view keeps the mapping alive: no dangling pointer
     with pytest.raises(ValueError, match="closed"):
         _ = b.fd
+
+
+def test_ram_pool_huge_pages_and_block_from_it() -> None:
+    """A preallocated pool sits 2 MiB-aligned (so huge pages can back it), and a block made of it
+    sees the memfd's bytes at the right place: through the fd, a second mapping and discard."""
+    size = 8 * MiB + 4096  # a partial 2 MiB range at the end stays on 4 KiB pages
+    pool = RamPool(size)
+    pool.populate(chunk=4 * MiB)
+    assert pool.ready and pool.huge_bytes in (0, 8 * MiB)  # 0 where the kernel has no MADV_COLLAPSE
+    with RamBlock.from_pool("pc.ram", size, pool) as b:
+        assert b.array.ctypes.data % (2 * MiB) == 0
+        assert b.allocated_bytes() >= size  # populated, not lazy
+        b.pages[5] = 7
+        b.pages[-1] = 9
+        assert os.pread(b.fd, 4096, 5 * 4096) == b"\x07" * 4096  # the block starts at file offset 0
+        with RamBlock.attach("pc.ram", os.dup(b.fd), size) as other:  # the vCPU's view
+            assert (other.pages[5] == 7).all() and (other.pages[-1] == 9).all()
+            b.discard(5 * 4096, 4096)
+            assert not other.pages[5].any() and (other.pages[-1] == 9).all()
+    with pytest.raises(ValueError, match="already used"):
+        RamBlock.from_pool("pc.ram", size, pool)
+    pool.close()
+
+
+def test_ram_pool_close_while_populating() -> None:
+    pool = RamPool(512 * MiB)  # populating it takes ~1 s here; close comes at once
+    t = threading.Thread(target=pool.populate, kwargs={"chunk": 2 * MiB})
+    t.start()
+    pool.close()  # waits for the chunk in progress; populate then stops
+    t.join(10)
+    assert not t.is_alive() and not pool.ready
 
 
 # ---------------------------------------------------------------------- digest
