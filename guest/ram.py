@@ -52,12 +52,8 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _address(m: mmap.mmap) -> int:
-    """Where ``m`` is mapped (a throw-away ctypes view; it holds no export past this call)."""
-    view = ctypes.c_char.from_buffer(m)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view
+    """Where ``m`` is mapped (the temporary array's export ends with this call)."""
+    return int(np.frombuffer(m, dtype=np.uint8).ctypes.data)
 
 
 def map_memfd_huge_aligned(fd: int, length: int) -> tuple[mmap.mmap, int]:

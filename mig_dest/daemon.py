@@ -279,7 +279,7 @@ class DestDaemon(DaemonShell):
         self.log.info(
             "guest memory preallocated",
             size=self.prealloc,
-            huge_pages=pool.huge_bytes,
+            huge_bytes=pool.huge_bytes,
             seconds=round(time.monotonic() - t, 2),
         )
 
